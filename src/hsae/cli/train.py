@@ -1,0 +1,81 @@
+"""`hsae train`: train an SAE of any registered family on activations."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hsae.cli import app
+from hsae.config import TrainConfig, from_dict, parse_overrides
+from hsae.errors import HsaeError
+
+
+def _split_options(family, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    sae_fields = {f.name for f in dataclasses.fields(family.config_class)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    sae_opts, train_opts = {}, {}
+    for key, value in overrides.items():
+        if key in sae_fields and key not in ("arch", "d_in", "n_latents", "k", "input_scale"):
+            sae_opts[key] = value
+        elif key in train_fields:
+            train_opts[key] = value
+        else:
+            known = sorted((sae_fields | train_fields) - {"arch", "d_in", "n_latents", "k", "input_scale"})
+            raise HsaeError(f"--option {key}: not an option of {family.arch} or of training; known: {', '.join(known)}")
+    return sae_opts, train_opts
+
+
+@app.command()
+def train(
+    arch: str = typer.Option(..., help="SAE family: relu, topk, batchtopk, jumprelu, ... (hsae families)"),
+    data: str = typer.Option(..., help="'synthetic', a .npy / .safetensors activation file, or an hsae store"),
+    n_latents: int = typer.Option(..., "--n-latents", help="Dictionary size"),
+    out: Path = typer.Option(..., help="Output folder (config.json, weights.safetensors, checkpoint, metrics)"),
+    k: Optional[int] = typer.Option(None, help="Active latents per token (TopK-style); L0 target for relu/jumprelu"),
+    steps: int = typer.Option(1000, help="Training steps"),
+    batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 2e-4 / sqrt(n_latents / 16384))"),
+    seed: int = typer.Option(0, help="Seed of the initialisation and of the data order"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run stopped in --out"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints"),
+    log_every: int = typer.Option(10, "--log-every", help="Steps between metric lines"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="Log to Weights & Biases"),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="KEY=VALUE for a family option (e.g. aux_coef=0.03) or a training one "
+        "(lr_warmup_steps, b_dec_init, dead_window_tokens, grad_clip_norm, ...)"
+    ),
+    synthetic: list[str] = typer.Option(
+        [], "--synthetic", help="KEY=VALUE for --data synthetic: d_in (96), n_roots (40), branching (4), depth (2), "
+        "p_root (0.05), p_child (0.8), parent_cos (0.5), mag_low, mag_high, noise_std, seed"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True),
+) -> None:
+    """Train an SAE; writes OUT/config.json and OUT/weights.safetensors (and checkpoints)."""
+    from hsae.models import get_family
+    from hsae.sources import open_source
+    from hsae.train import Trainer, _check_out_dir
+
+    family = get_family(arch)
+    sae_opts, train_opts = _split_options(family, parse_overrides(option))
+    train_cfg = from_dict(
+        TrainConfig,
+        {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "checkpoint_every": checkpoint_every,
+         "log_every": log_every, "device": device, "wandb_project": wandb_project, **train_opts},
+        what="training",
+    )
+    if not resume:
+        _check_out_dir(out, resume=False)
+    source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic))
+    sae_values: dict[str, object] = {"arch": arch, "d_in": source.d_in, "n_latents": n_latents, **sae_opts}
+    if k is not None:
+        sae_values["k"] = k
+    sae_cfg = from_dict(family.config_class, sae_values, what=f"{arch} config")
+    trainer = Trainer(sae_cfg, train_cfg, source, out, resume=resume, show_progress=not quiet,
+                      stop_after=stop_after)
+    model = trainer.run()
+    typer.echo(f"saved {model.arch} SAE ({model.n_latents} latents, d_in {model.d_in}) to {out}")

@@ -1,0 +1,212 @@
+"""Typed configuration, validated once at the edge and saved beside every artefact.
+
+Three records describe a run: `SAEConfig` (or a family's subclass: the model), `TrainConfig` (the
+loop) and a data record (where activations came from). `config.json` beside the weights holds all
+three, so the config that trained a model is the one saved with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union
+
+from hsae.errors import HsaeError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a JSON or command-line value to the annotated type, or say what is wrong."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except HsaeError as err:
+                errors.append(str(err))
+        raise HsaeError(errors[0] if errors else f"{name}: cannot be None")
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise HsaeError(f"{name}: expected a list, got {value!r}")
+        items = [_coerce(v, arg, name) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise HsaeError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise HsaeError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    as_float = float(value)  # "1e6"
+                except ValueError:
+                    as_float = math.nan
+                if as_float.is_integer():
+                    return int(as_float)
+        raise HsaeError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise HsaeError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise HsaeError(f"{name}: expected a string, got {value!r}")
+    if isinstance(tp, type) and issubclass(tp, dict):
+        if isinstance(value, dict):
+            return value
+        raise HsaeError(f"{name}: expected a mapping, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None) -> T:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and converting types."""
+    what = what or cls.__name__
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise HsaeError(
+            f"{what}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{what}.{k}") for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:
+        raise HsaeError(f"{what}: {err}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """`["a=1", "b=x"]` -> {"a": "1", "b": "x"} (command-line `--option KEY=VALUE`)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise HsaeError(f"--option {item!r}: expected KEY=VALUE, e.g. --option aux_coef=0.03")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+@dataclass
+class SAEConfig:
+    """What every SAE family needs. Families subclass it to add their own typed options."""
+
+    arch: str
+    d_in: int
+    n_latents: int
+    # Active latents per token for TopK-style families; the L0 target for penalty families.
+    k: int | None = None
+    # Raw activations are multiplied by this before encoding (the trainer sets it so that the mean
+    # norm is sqrt(d_in)); decode divides it out again, so every checkpoint works on raw inputs.
+    input_scale: float = 1.0
+
+    def validate(self) -> None:
+        if self.d_in <= 0:
+            raise HsaeError(f"d_in must be positive, got {self.d_in}")
+        if self.n_latents <= 0:
+            raise HsaeError(f"--n-latents must be positive, got {self.n_latents}")
+        if self.k is not None and not (0 < self.k < self.n_latents):
+            raise HsaeError(
+                f"--k {self.k} must be between 1 and n_latents-1 ({self.n_latents - 1}); "
+                "lower --k or raise --n-latents"
+            )
+        if not (math.isfinite(self.input_scale) and self.input_scale > 0):
+            raise HsaeError(f"input_scale must be a positive number, got {self.input_scale}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 1000
+    batch_size: int = 4096
+    # None: Gao et al.'s scaling rule 2e-4 / sqrt(n_latents / 2**14).
+    lr: float | None = None
+    lr_warmup_steps: int = 100
+    # Linear decay to zero over this final fraction of the run.
+    lr_decay_fraction: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip_norm: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    # A latent that has not fired for this many tokens counts as dead (AuxK revives those).
+    dead_window_tokens: int = 1_000_000
+    # How b_dec starts: "geometric_median", "mean" or "zeros".
+    b_dec_init: str = "geometric_median"
+    # Scale inputs to mean norm sqrt(d_in) for training; the factor is saved in the SAE config.
+    normalize_inputs: bool = True
+    device: str = "cpu"
+    wandb_project: str | None = None
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise HsaeError(f"--steps must be positive, got {self.steps}")
+        if self.batch_size <= 0:
+            raise HsaeError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise HsaeError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise HsaeError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
+        if self.checkpoint_every <= 0 or self.log_every <= 0:
+            raise HsaeError("checkpoint_every and log_every must be positive")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise HsaeError(
+                f"b_dec_init {self.b_dec_init!r} is not one of geometric_median, mean, zeros"
+            )
+
+    def resolved_lr(self, n_latents: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+@dataclass
+class RunRecord:
+    """Everything saved in config.json: the model, how it was trained and on what."""
+
+    sae: dict[str, Any]
+    train: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    hsae_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,261 @@
+"""The SAE interface every family implements (DESIGN.md, "The SAE interface").
+
+A family subclasses `SAE`, declares its typed config class, and overrides `activate` (pre-activations
+to codes) and, where it has them, `extra_losses` and `after_step`. Encoding, decoding, input scaling,
+the decoder-norm rule, `hierarchy()` and save/load are shared.
+
+Conventions:
+- `W_enc` is (d_in, n_latents), `W_dec` is (n_latents, d_in) with unit-norm rows unless the family
+  sets `unit_norm_decoder = False`.
+- Raw activations are multiplied by `config.input_scale` on the way in and divided by it on the way
+  out, so a model (and every checkpoint) works on raw activations as they come from the network.
+- Loss terms are in normalised units: "mse" is the squared error summed over dimensions, averaged
+  over tokens; family terms (AuxK, L1, L0, ...) are already weighted; the training loss is their sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from hsae.atomic import write_json, write_safetensors
+from hsae.config import SAEConfig, from_dict, to_dict
+from hsae.errors import HsaeError
+from hsae.models.codes import Codes, SparseCodes
+from hsae.models.kernels import sparse_decode
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class StepContext:
+    """What a training step tells the model beyond the batch."""
+
+    step: int
+    total_steps: int
+    # Latents that have not fired within the trainer's dead window (None outside training).
+    dead_mask: Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor  # in raw units, like the input
+    codes: Codes
+    losses: dict[str, Tensor] = field(default_factory=dict)  # normalised units, already weighted
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+
+class SAE(nn.Module):
+    """Base class of every family. See the module docstring for the conventions."""
+
+    arch: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    unit_norm_decoder: ClassVar[bool] = True
+    # Whether encode() honours a `k` argument at inference (nested-over-k families and TopK).
+    supports_k: ClassVar[bool] = False
+
+    def __init__(self, config: SAEConfig):
+        super().__init__()
+        self.config = config
+        d, m = config.d_in, config.n_latents
+        self.W_enc = nn.Parameter(torch.empty(d, m))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.empty(m, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        # A forest found post hoc (interpret/) for families without one built in; -1 = root.
+        self.register_buffer("parents", torch.full((m,), -1, dtype=torch.long))
+        self.reset_parameters()
+
+    # ----- initialisation -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Random unit decoder rows, encoder = decoder transpose (Gao et al., Conerly et al.)."""
+        with torch.no_grad():
+            w = torch.randn_like(self.W_dec)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_latents
+
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    # ----- the interface -----------------------------------------------------------------------
+    def scale_in(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[-1] != self.d_in:
+            raise HsaeError(
+                f"expected activations of shape (n, {self.d_in}), got {tuple(x.shape)}; this SAE was "
+                f"trained on width {self.d_in}"
+            )
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        s = self.config.input_scale
+        return x if s == 1.0 else x * s
+
+    def pre_activations(self, xn: Tensor) -> Tensor:
+        """(n, n_latents) encoder pre-activations of normalised inputs."""
+        return torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc)
+
+    def activate(self, pre: Tensor, k: int | None = None) -> Codes:
+        """Pre-activations to codes: the family's nonlinearity."""
+        raise NotImplementedError
+
+    def encode_normalized(self, xn: Tensor, k: int | None = None) -> Codes:
+        return self.activate(self.pre_activations(xn), k)
+
+    def decode_normalized(self, codes: Codes) -> Tensor:
+        if isinstance(codes, SparseCodes):
+            return sparse_decode(codes.indices, codes.values, self.W_dec, codes.offsets) + self.b_dec
+        return torch.addmm(self.b_dec, codes.to(self.W_dec.dtype), self.W_dec)
+
+    def encode(self, x: Tensor, k: int | None = None) -> Codes:
+        """Codes of raw activations x (n, d_in). `k` picks the number of active latents where the
+        family supports choosing it at inference."""
+        if k is not None and not self.supports_k:
+            raise HsaeError(f"the {self.arch} family does not take k at inference")
+        return self.encode_normalized(self.scale_in(x), k)
+
+    def decode(self, codes: Codes) -> Tensor:
+        """Raw-unit reconstruction from codes."""
+        return self.decode_normalized(codes) / self.config.input_scale
+
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
+        xn = self.scale_in(x)
+        pre = self.pre_activations(xn)
+        codes = self.activate(pre)
+        xn_hat = self.decode_normalized(codes)
+        losses = {"mse": (xn_hat - xn).pow(2).sum(-1).mean()}
+        losses.update(self.extra_losses(xn, pre, codes, xn_hat, ctx))
+        return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
+
+    def extra_losses(
+        self, xn: Tensor, pre: Tensor, codes: Codes, xn_hat: Tensor, ctx: StepContext | None
+    ) -> dict[str, Tensor]:
+        """Family loss terms besides the reconstruction (weighted)."""
+        return {}
+
+    def after_step(self, out: SAEOutput, ctx: StepContext) -> None:
+        """Called after each optimiser step (thresholds, coefficient controllers, ...)."""
+
+    def hierarchy(self) -> Tensor:
+        """Parent of each latent (-1 = root), LongTensor (n_latents,)."""
+        return self.parents.detach().clone().cpu()
+
+    def set_hierarchy(self, parents: Tensor) -> None:
+        """Store a forest found post hoc (families with a built-in tree refuse)."""
+        parents = torch.as_tensor(parents, dtype=torch.long)
+        if parents.shape != (self.n_latents,):
+            raise HsaeError(f"parents must have shape ({self.n_latents},), got {tuple(parents.shape)}")
+        self.parents.copy_(parents)
+
+    # ----- decoder constraint --------------------------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component that would change decoder row norms."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        w, g = self.W_dec, self.W_dec.grad
+        g -= (g * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ----- persistence -------------------------------------------------------------------------
+    def save(self, directory: str | Path, record: dict[str, Any] | None = None) -> None:
+        """Write config.json and weights.safetensors (each atomically). `record` adds the train and
+        data sections to config.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / WEIGHTS_FILE, dict(self.state_dict()), metadata={"arch": self.arch})
+        from hsae import __version__
+
+        payload = {"hsae_version": __version__, "sae": to_dict(self.config)}
+        payload.update(record or {})
+        payload["sae"] = to_dict(self.config)
+        write_json(directory / CONFIG_FILE, payload)
+
+    @classmethod
+    def from_config(cls, config: SAEConfig) -> "SAE":
+        return cls(config)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise HsaeError(f"{directory} holds no hsae model ({CONFIG_FILE} is missing); train one with `hsae train`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HsaeError(f"{path} is not valid JSON ({err}); the model folder is damaged") from None
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load a model saved by `SAE.save` (or any hsae checkpoint folder)."""
+    from hsae.models import get_family
+
+    directory = Path(directory)
+    record = read_config(directory)
+    if "sae" not in record or "arch" not in record["sae"]:
+        raise HsaeError(f"{directory / CONFIG_FILE} has no 'sae' section with an 'arch'; not an hsae model")
+    family = get_family(record["sae"]["arch"])
+    config = from_dict(family.config_class, record["sae"], what="sae config")
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise HsaeError(f"{directory} has a config but no {WEIGHTS_FILE}; the model folder is incomplete")
+    with safe_open(str(weights_path), framework="pt", device="cpu") as fh:
+        state = {key: fh.get_tensor(key) for key in fh.keys()}
+    model = family.from_config(config)
+    dtype = state.get("W_dec", torch.empty(0)).dtype
+    if dtype.is_floating_point:
+        model.to(dtype)  # the weights file decides the dtype
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HsaeError(
+            f"{weights_path} does not match the {family.arch} family "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
+    return model.to(device).eval()
+
+
+def init_b_dec_geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm for the geometric median of rows of x."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        dist = (x - y).norm(dim=1).clamp_min(eps)
+        w = 1.0 / dist
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-7 * max(1.0, float(y.norm())):
+            y = y_new
+            break
+        y = y_new
+    return y.float()
+
+
+def standard_input_scale(x: Tensor) -> float:
+    """Factor that brings the mean row norm of x to sqrt(d)."""
+    mean_norm = float(x.float().norm(dim=1).mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise HsaeError("activations have zero or non-finite norm; cannot normalise them")
+    return math.sqrt(x.shape[1]) / mean_norm

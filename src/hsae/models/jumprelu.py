@@ -1,0 +1,89 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead").
+
+f = z * H(z - theta) with z the pre-activation and a learned threshold theta = exp(log_theta) per
+latent; loss = ||x - x_hat||^2 + lambda * ||f||_0. H has no useful gradient, so theta learns through
+straight-through estimators with a rectangle kernel of width `bandwidth` (epsilon):
+  d JumpReLU(z) / d theta = -(theta / eps) K((z - theta) / eps),  d H(z - theta) / d theta = -(1 / eps) K(...).
+Decoder rows are kept at unit norm. lambda warms up over the first 10% of steps or follows an L0
+target when `--k` is given (hsae.models.penalty).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hsae.errors import HsaeError
+from hsae.models import register
+from hsae.models.codes import Codes
+from hsae.models.penalty import PenaltyConfig, PenaltySAE
+
+
+@dataclass
+class JumpReLUConfig(PenaltyConfig):
+    sparsity_coef: float = 0.2
+    sparsity_warmup_fraction: float = 0.1
+    threshold_init: float = 0.001
+    bandwidth: float = 0.001
+
+    def validate(self) -> None:
+        super().validate()
+        if self.threshold_init <= 0 or self.bandwidth <= 0:
+            raise HsaeError("threshold_init and bandwidth must be positive")
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_z = grad * (z > theta)
+        grad_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * grad).sum(0)
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * grad).sum(0)
+        return None, grad_theta, None
+
+
+@register("jumprelu")
+class JumpReLUSAE(PenaltySAE):
+    config_class = JumpReLUConfig
+
+    def __init__(self, config: JumpReLUConfig):
+        super().__init__(config)
+        self.log_threshold = nn.Parameter(torch.full((config.n_latents,), math.log(config.threshold_init)))
+
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre: Tensor, k: int | None = None) -> Codes:
+        return _JumpReLU.apply(pre, self.threshold(), self.config.bandwidth)
+
+    def extra_losses(self, xn, pre, codes, xn_hat, ctx):
+        l0 = _Step.apply(pre, self.threshold(), self.config.bandwidth).sum(-1).mean()
+        return {"l0": self.current_coef(ctx) * l0}

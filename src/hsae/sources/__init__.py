@@ -1,0 +1,34 @@
+"""Where activations come from. `open_source` turns the `--data` argument into an ActivationSource."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hsae.errors import HsaeError
+from hsae.sources.base import ActivationSource
+
+
+def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = None) -> ActivationSource:
+    """`synthetic`, an activation file (.npy / .safetensors), or an hsae store folder."""
+    if data == "synthetic":
+        from hsae.config import from_dict
+        from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
+
+        options = dict(synthetic or {})
+        options.setdefault("seed", str(seed))
+        return SyntheticSource(from_dict(SyntheticConfig, options, what="--synthetic"))
+    if synthetic:
+        raise HsaeError("--synthetic options only apply with --data synthetic")
+    path = Path(data)
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            from hsae.store import ActivationStore
+
+            return ActivationStore.open(path, seed=seed)
+        raise HsaeError(f"--data {path} is a folder but not an hsae store (no manifest.json); make one with `hsae harvest`")
+    from hsae.sources.files import ArrayActivations
+
+    return ArrayActivations.from_file(path, seed=seed)
+
+
+__all__ = ["ActivationSource", "open_source"]

@@ -1,0 +1,377 @@
+"""The training loop: Adam with warm-up and decay, the decoder-norm rule, dead-latent tracking,
+atomic checkpoints, exact resume, JSON-lines metrics, a live progress bar, and torchrun data
+parallelism.
+
+Files in the output folder:
+- config.json + weights.safetensors: the model as of the last checkpoint (usable at any time).
+- checkpoint.safetensors: model, Adam state, dead-latent counters and RNG state; its metadata holds
+  the step and the run record. Written atomically, so a killed run resumes from the last one whole.
+- metrics.jsonl: one line per logged step.
+
+Resuming restores everything a step depends on (weights, Adam moments, counters, buffers such as
+thresholds and coefficients, the RNG) and the data sources are deterministic in the step, so a
+killed-and-resumed run ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from hsae import __version__
+from hsae.atomic import write_safetensors, write_text
+from hsae.config import SAEConfig, TrainConfig, from_dict, to_dict
+from hsae.errors import HsaeError
+from hsae.eval.core import fvu
+from hsae.models import SAE, StepContext, get_family
+from hsae.models.base import CONFIG_FILE, init_b_dec_geometric_median, standard_input_scale
+from hsae.models.codes import fire_counts, l0_per_row
+from hsae.sources.base import ActivationSource
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+INIT_SAMPLE_ROWS = 16384
+
+
+def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last `lr_decay_fraction`."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
+    decay_steps = int(cfg.steps * cfg.lr_decay_fraction)
+    decay_start = cfg.steps - decay_steps
+    decay = 1.0 if step < decay_start or decay_steps == 0 else (cfg.steps - step) / decay_steps
+    return base_lr * warm * decay
+
+
+class _Distributed:
+    """torchrun environment: rank, world size; a no-op for a single process."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.active = self.world_size > 1
+        if self.active and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise HsaeError(f"--out {out} is a file; give a folder")
+    if not resume and (out / CONFIG_FILE).exists():
+        raise HsaeError(
+            f"--out {out} already holds a model; pass --resume to continue it or choose another --out"
+        )
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise HsaeError(f"--out {out} is not empty; choose a new or empty folder (nothing was written)")
+
+
+def _resume_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["state"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return tensors, meta
+
+
+def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: ActivationSource) -> None:
+    saved_sae = dict(saved["sae"])
+    if saved_sae.get("d_in") != source.d_in:
+        raise HsaeError(
+            f"the data has width {source.d_in} but the checkpoint being resumed was trained on width "
+            f"{saved_sae.get('d_in')}; resume with the same --data"
+        )
+    new = to_dict(sae_cfg)
+    for key, value in new.items():
+        if key == "input_scale":
+            continue
+        if saved_sae.get(key) != value:
+            raise HsaeError(
+                f"--resume: {key} is {value!r} now but {saved_sae.get(key)!r} in the run being resumed; "
+                "resume with the same options (or train into a new --out)"
+            )
+
+
+class Trainer:
+    def __init__(
+        self,
+        sae_config: SAEConfig,
+        train_config: TrainConfig,
+        source: ActivationSource,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        show_progress: bool = True,
+        stop_after: int | None = None,
+    ):
+        self.cfg = train_config
+        self.source = source
+        self.out = Path(out)
+        self.resume = resume
+        self.show_progress = show_progress
+        # Stop (as if killed, after the checkpoint at that step) — used to test resuming.
+        self.stop_after = stop_after
+        if sae_config.d_in != source.d_in:
+            raise HsaeError(f"the SAE's d_in {sae_config.d_in} differs from the data's width {source.d_in}")
+        self.device = torch.device(train_config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise HsaeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        self.dist = _Distributed(self.device)
+        self.family = get_family(sae_config.arch)
+        self.sae_config = sae_config
+
+    # ----- set-up ---------------------------------------------------------------------------
+    def _record(self, model: SAE) -> dict[str, Any]:
+        return {
+            "hsae_version": __version__,
+            "sae": to_dict(model.config),
+            "train": to_dict(self.cfg),
+            "data": self.source.describe(),
+        }
+
+    def _fresh_model(self) -> SAE:
+        torch.manual_seed(self.cfg.seed)
+        sample = self.source.sample(INIT_SAMPLE_ROWS).float()
+        scale = standard_input_scale(sample) if self.cfg.normalize_inputs else 1.0
+        config = replace(self.sae_config, input_scale=scale)
+        model = self.family.from_config(config)
+        xn = sample * scale
+        with torch.no_grad():
+            if self.cfg.b_dec_init == "geometric_median":
+                model.b_dec.copy_(init_b_dec_geometric_median(xn[:4096]))
+            elif self.cfg.b_dec_init == "mean":
+                model.b_dec.copy_(xn.mean(0))
+        return model
+
+    def _optimizer(self, model: SAE) -> torch.optim.Adam:
+        return torch.optim.Adam(
+            model.parameters(), lr=self.cfg.resolved_lr(model.n_latents),
+            betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+        )
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def _save(self, model: SAE, opt: torch.optim.Adam, step: int, since_fired: torch.Tensor) -> None:
+        if not self.dist.is_main:
+            return
+        tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                for key, value in state.items():
+                    tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).reshape(-1) if key == "step" else value
+        tensors["trainer.since_fired"] = since_fired
+        tensors["trainer.rng"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["trainer.cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        state = {"step": step, "record": self._record(model)}
+        # Order matters for crash safety: the checkpoint first (resume reads it), then the model.
+        write_safetensors(self.out / CHECKPOINT_FILE, tensors, metadata={"state": json.dumps(state)})
+        model.save(self.out, record=self._record(model))
+
+    def _restore(self, model: SAE, opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            st = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                t = tensors.get(f"optim.{name}.{key}")
+                if t is not None:
+                    st[key] = t.reshape(()) if key == "step" else t.to(self.device)
+            if st:
+                opt.state[p] = st
+        torch.set_rng_state(tensors["trainer.rng"])
+        if "trainer.cuda_rng" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["trainer.cuda_rng"], self.device)
+        return tensors["trainer.since_fired"].to(self.device)
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric lines past the resumed step, so the file reads as one uninterrupted run."""
+        path = self.out / METRICS_FILE
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def run(self) -> SAE:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True) if self.dist.is_main else None
+        state = _resume_state(self.out) if self.resume else None
+        if self.resume and state is None and (self.out / CONFIG_FILE).exists():
+            raise HsaeError(
+                f"--resume: {self.out} holds a model but no {CHECKPOINT_FILE}; it cannot be continued"
+            )
+        if state is not None:
+            tensors, meta = state
+            _check_resume_compatible(meta["record"], self.sae_config, self.source)
+            saved = from_dict(self.family.config_class, meta["record"]["sae"], what="sae config")
+            model = self.family.from_config(saved).to(self.device)
+            opt = self._optimizer(model)
+            since_fired = self._restore(model, opt, tensors)
+            start = int(meta["step"])
+            self._trim_metrics(start) if self.dist.is_main else None
+        else:
+            model = self._fresh_model().to(self.device)
+            opt = self._optimizer(model)
+            since_fired = torch.zeros(model.n_latents, dtype=torch.long, device=self.device)
+            start = 0
+        model.train()
+        wrapped: torch.nn.Module = model
+        if self.dist.active:
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        base_lr = cfg.resolved_lr(model.n_latents)
+        if start >= cfg.steps:
+            return model.eval()
+
+        wandb_run = self._wandb(model) if self.dist.is_main else None
+        batches = self.source.batches(cfg.batch_size, start, self.dist.rank, self.dist.world_size)
+        metrics_fh = open(self.out / METRICS_FILE, "a") if self.dist.is_main else None
+        progress = self._progress(start) if (self.dist.is_main and self.show_progress) else None
+        t0, tokens = time.perf_counter(), 0
+        try:
+            for step in range(start, cfg.steps):
+                x = next(batches).to(self.device, non_blocking=True)
+                dead = since_fired >= cfg.dead_window_tokens
+                ctx = StepContext(step=step, total_steps=cfg.steps, dead_mask=dead)
+                out = wrapped(x, ctx)
+                loss = out.loss
+                if not torch.isfinite(loss):
+                    raise HsaeError(
+                        f"the loss became {float(loss)} at step {step}; lower --lr or check the data "
+                        f"(the last checkpoint in {self.out} is intact)"
+                    )
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg, base_lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                model.remove_parallel_decoder_grad()
+                if cfg.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+                opt.step()
+                model.normalize_decoder()
+                model.after_step(out, ctx)
+
+                fired = self.dist.all_sum(fire_counts(out.codes).to(self.device)) > 0
+                since_fired += x.shape[0] * self.dist.world_size
+                since_fired[fired] = 0
+                tokens += x.shape[0] * self.dist.world_size
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    row = self._metrics(done, x, out, dead, opt, tokens / (time.perf_counter() - t0))
+                    if metrics_fh is not None:
+                        metrics_fh.write(json.dumps(row) + "\n")
+                        metrics_fh.flush()
+                    if progress is not None:
+                        progress.update(row)
+                    if wandb_run is not None:
+                        wandb_run.log(row, step=done)
+                elif progress is not None:
+                    progress.advance()
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    if metrics_fh is not None:
+                        metrics_fh.flush()
+                    self._save(model, opt, done, since_fired)
+                    self.dist.barrier()
+                if self.stop_after is not None and done >= self.stop_after:
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+            if metrics_fh is not None:
+                metrics_fh.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+        return model.eval()
+
+    def _metrics(self, step, x, out, dead, opt, tokens_per_s) -> dict[str, Any]:
+        with torch.no_grad():
+            row = {
+                "step": step,
+                "loss": float(out.loss),
+                **{f"loss/{k}": float(v) for k, v in out.losses.items()},
+                "fvu": fvu(x, out.x_hat),
+                "l0": float(l0_per_row(out.codes).mean()),
+                "dead_fraction": float(dead.float().mean()),
+                "lr": opt.param_groups[0]["lr"],
+                "tokens_per_s": tokens_per_s,
+            }
+        return row
+
+    def _wandb(self, model: SAE):
+        if not self.cfg.wandb_project:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            raise HsaeError("--wandb-project needs the wandb package: pip install 'hsae[wandb]'") from None
+        return wandb.init(project=self.cfg.wandb_project, config=self._record(model), dir=str(self.out))
+
+    def _progress(self, start: int) -> "_ProgressBar":
+        return _ProgressBar(self.cfg.steps, start)
+
+
+class _ProgressBar:
+    """A rich progress bar showing loss, FVU, L0 and dead % as they are logged."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=start, stats="")
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
+
+    def update(self, row: dict[str, Any]) -> None:
+        stats = (
+            f"loss {row['loss']:.4g}  fvu {row['fvu']:.4f}  L0 {row['l0']:.1f}  "
+            f"dead {100 * row['dead_fraction']:.1f}%  {row['tokens_per_s']:.0f} tok/s"
+        )
+        self._progress.update(self._task, completed=row["step"], stats=stats)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def train(
+    sae_config: SAEConfig,
+    train_config: TrainConfig,
+    source: ActivationSource,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> SAE:
+    """Train an SAE and save it in `out` (see the module docstring)."""
+    if not resume:
+        _check_out_dir(Path(out), resume)
+    return Trainer(sae_config, train_config, source, out, resume=resume, show_progress=show_progress).run()
+
+
+__all__ = ["train", "Trainer", "lr_at"]
