@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +69,7 @@ def train(
          "log_every": log_every, "device": device, "wandb_project": wandb_project, **train_opts},
         what="training",
     )
-    if not resume:
+    if not resume and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 owns the folder
         _check_out_dir(out, resume=False)
     source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic))
     sae_values: dict[str, object] = {"arch": arch, "d_in": source.d_in, "n_latents": n_latents, **sae_opts}

@@ -6,6 +6,7 @@ depend only on (seed, step), so a resumed run continues with exactly the batches
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +28,10 @@ def _load_npy(path: Path) -> Tensor:
         raise HsaeError(f"{path} is not a readable .npy array ({err}); save it with numpy.save") from None
     if arr.dtype not in _FLOAT_DTYPES:
         raise HsaeError(f"{path} holds {arr.dtype} data; activations must be float16 or float32")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    with warnings.catch_warnings():
+        # The memory map is read-only and hsae never writes to it; torch warns about that anyway.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _load_safetensors(path: Path) -> Tensor:
