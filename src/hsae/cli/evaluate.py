@@ -1,0 +1,103 @@
+"""`hsae eval DIR --data ...` and `hsae compare DIR1 DIR2 ...`: tables, report.json, report.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hsae.cli import app
+from hsae.eval.report import format_value, scalar_items
+
+
+def _open_for(model_dir: Path, data: Optional[str], synthetic: list[str]):
+    from hsae.config import parse_overrides
+    from hsae.models.base import read_config
+    from hsae.sources import open_source
+
+    record = read_config(model_dir)
+    saved = record.get("data") or {}
+    if data is None:
+        if saved.get("kind") == "synthetic":  # the same forest the model was trained on
+            opts = {k: str(v) for k, v in saved.items() if k != "kind"}
+            opts.update(parse_overrides(synthetic))
+            return open_source("synthetic", synthetic=opts)
+        if saved.get("path"):
+            return open_source(saved["path"])
+        raise typer.BadParameter("give --data: the model's config does not name its training data")
+    return open_source(data, synthetic=parse_overrides(synthetic))
+
+
+@app.command("eval")
+def eval_command(
+    model_dir: Path = typer.Argument(..., help="A model folder"),
+    data: Optional[str] = typer.Option(None, help="Activations to evaluate on (default: the training data)"),
+    tokens: int = typer.Option(65536, help="Tokens to evaluate"),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default MODEL_DIR/eval)"),
+    metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
+    synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
+) -> None:
+    """Evaluate a model: prints a table, writes report.json and a self-contained report.html."""
+    import hsae
+    from hsae.eval.run import evaluate
+
+    model = hsae.load(model_dir)
+    source = _open_for(model_dir, data, synthetic)
+    report = evaluate(model, source, model_dir=model_dir, tokens=tokens, only=metric or None)
+    console = Console()
+    for section in report.sections:
+        table = Table(title=section.name, show_header=False, title_justify="left")
+        if section.skipped:
+            table.add_row("skipped", section.skipped)
+        for key, value in scalar_items(section.metrics):
+            table.add_row(key, format_value(value))
+        console.print(table)
+    json_path, html_path = report.write(out or model_dir / "eval")
+    console.print(f"wrote {json_path} and {html_path}")
+
+
+@app.command()
+def compare(
+    model_dirs: list[Path] = typer.Argument(..., help="Model folders"),
+    data: Optional[str] = typer.Option(None, help="Activations to evaluate all of them on"),
+    tokens: int = typer.Option(65536, help="Tokens to evaluate"),
+    out: Path = typer.Option(Path("compare"), help="Report folder"),
+    synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
+) -> None:
+    """Several models side by side, with an FVU-against-L0 frontier plot."""
+    import hsae
+    from hsae.eval import plots
+    from hsae.eval.report import Report
+    from hsae.eval.run import evaluate
+
+    reports = []
+    for model_dir in model_dirs:
+        model = hsae.load(model_dir)
+        reports.append((model_dir, evaluate(model, _open_for(model_dir, data, synthetic), model_dir=model_dir,
+                                            tokens=tokens)))
+    names = [str(d) for d, _ in reports]
+    combined = Report(title="hsae comparison", info={"models": ", ".join(names), "tokens": tokens})
+    rows: dict[str, dict[str, object]] = {}
+    points = []
+    for model_dir, report in reports:
+        for section in report.sections:
+            for key, value in (scalar_items(section.metrics) if not section.skipped else [("skipped", section.skipped)]):
+                rows.setdefault(f"{section.name}.{key}", {})[str(model_dir)] = value
+        core = next(s for s in report.sections if s.name == "core").metrics
+        points.append((f"{model_dir.name} ({report.info['arch']})", core["l0"], core["fvu"]))
+    for model_dir, report in reports:
+        combined.add(str(model_dir), {f"{s.name}.{k}": v for s in report.sections if not s.skipped
+                                      for k, v in scalar_items(s.metrics)})
+    combined.figures.append(("FVU against L0, with the Pareto frontier", plots.frontier(points)))
+    table = Table(title="comparison")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for metric_name, values in rows.items():
+        table.add_row(metric_name, *(format_value(values.get(n, "")) for n in names))
+    Console().print(table)
+    json_path, html_path = combined.write(out)
+    typer.echo(f"wrote {json_path} and {html_path}")

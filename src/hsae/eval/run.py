@@ -1,0 +1,124 @@
+"""Running evaluations: one registry of evaluators, one report.
+
+An evaluator is a function `(EvalContext) -> dict of metrics`, registered with `@evaluator(name)`.
+It raises `Skip("why")` when it cannot apply (no ground truth, no downstream model, too few tokens);
+the report then marks that section skipped with the reason. New analyses are new registered
+functions; `hsae eval` and `hsae compare` pick them up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from hsae.errors import HsaeError
+from hsae.eval.report import Report
+
+# Modules whose import registers evaluators (kept explicit: the order is the report's order).
+EVALUATOR_MODULES = ["hsae.eval.core_evaluators"]
+OPTIONAL_EVALUATOR_MODULES = ["hsae.eval.hierarchy", "hsae.eval.downstream", "hsae.eval.absorption",
+                              "hsae.eval.wordnet"]
+
+
+class Skip(Exception):
+    """An evaluator cannot apply here; the message says why."""
+
+
+@dataclass
+class EvalContext:
+    model: Any  # an hsae SAE
+    model_dir: Path | None
+    source: Any  # the ActivationSource evaluated on
+    x: Tensor  # evaluation activations (raw units)
+    options: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # shared results (codes, x_hat, core metrics)
+
+    def codes_and_recon(self, batch_size: int = 8192):
+        """Codes and reconstructions of `x`, computed once and shared by evaluators."""
+        if "codes" not in self.cache:
+            from hsae.models.codes import SparseCodes
+
+            codes, recon = [], []
+            with torch.no_grad():
+                for start in range(0, self.x.shape[0], batch_size):
+                    c = self.model.encode(self.x[start : start + batch_size])
+                    recon.append(self.model.decode(c))
+                    codes.append(c.dense() if isinstance(c, SparseCodes) else c)
+            self.cache["codes"] = torch.cat(codes)
+            self.cache["x_hat"] = torch.cat(recon)
+        return self.cache["codes"], self.cache["x_hat"]
+
+
+Evaluator = Callable[[EvalContext], dict[str, Any]]
+_EVALUATORS: dict[str, Evaluator] = {}
+_FIGURES: dict[str, Callable[[EvalContext, dict[str, Any]], list[tuple[str, str]]]] = {}
+
+
+def evaluator(name: str, figures: Callable[[EvalContext, dict[str, Any]], list[tuple[str, str]]] | None = None):
+    def wrap(fn: Evaluator) -> Evaluator:
+        _EVALUATORS[name] = fn
+        if figures is not None:
+            _FIGURES[name] = figures
+        return fn
+
+    return wrap
+
+
+def evaluators() -> dict[str, Evaluator]:
+    for module in EVALUATOR_MODULES:
+        importlib.import_module(module)
+    for module in OPTIONAL_EVALUATOR_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    return dict(_EVALUATORS)
+
+
+def gather(source, tokens: int, batch_size: int = 4096) -> Tensor:
+    """The first `tokens` rows of the source's held-out order."""
+    rows, have = [], 0
+    for batch in source.batches(min(batch_size, tokens), start_step=0):
+        rows.append(batch)
+        have += batch.shape[0]
+        if have >= tokens:
+            break
+    return torch.cat(rows)[:tokens]
+
+
+def evaluate(model, source, *, model_dir: Path | None = None, tokens: int = 65536,
+             only: list[str] | None = None, options: dict[str, Any] | None = None) -> Report:
+    if model.d_in != source.d_in:
+        raise HsaeError(
+            f"the model was trained on width {model.d_in} but the data has width {source.d_in}; "
+            "evaluate it on activations from the same model and hook"
+        )
+    x = source.sample_with_truth(tokens).x if hasattr(source, "sample_with_truth") else gather(source, tokens)
+    ctx = EvalContext(model=model, model_dir=model_dir, source=source, x=x, options=dict(options or {}))
+    report = Report(
+        title=f"hsae evaluation: {model.arch}" + (f" ({model_dir})" if model_dir else ""),
+        info={"arch": model.arch, "d_in": model.d_in, "n_latents": model.n_latents, "k": model.config.k,
+              "tokens": int(x.shape[0]), "data": source.describe().get("kind", "")},
+    )
+    registry = evaluators()
+    unknown = sorted(set(only or []) - set(registry))
+    if unknown:
+        raise HsaeError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(registry)}")
+    for name, fn in registry.items():
+        if only and name not in only:
+            continue
+        try:
+            metrics = fn(ctx)
+        except Skip as why:
+            report.add(name, skipped=str(why))
+            continue
+        report.add(name, metrics)
+        if name in _FIGURES:
+            report.figures.extend(_FIGURES[name](ctx, metrics))
+    return report
