@@ -20,7 +20,8 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path):
               "--k", "4", "--steps", "30", "--checkpoint-every", "10", "-q"]
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "hsae.cli", *common, "--batch-size", "64", "--out", str(tmp_path / "ddp")]
-    subprocess.run(ddp, check=True, capture_output=True, timeout=240)
+    run = subprocess.run(ddp, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
     assert main([*common, "--batch-size", "128", "--out", str(tmp_path / "single")]) == 0
     a = load_file(tmp_path / "ddp" / "weights.safetensors")
     b = load_file(tmp_path / "single" / "weights.safetensors")

@@ -5,6 +5,9 @@ together, so tokens get a variable number of latents; codes are ragged (CSR). At
 global threshold replaces the batch: a latent is active where its pre-activation exceeds it. The
 threshold is the running mean (EMA, `threshold_momentum`) of the smallest activation kept in each
 training batch. `encode(x, k=...)` gives per-token TopK codes instead, on request. AuxK as in TopK.
+
+Training takes TopK's sparse path (kernels.py); the batch selection finds the k * n largest entries
+among candidates above a block-maximum bound instead of a top-k over all n * n_latents entries.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from torch import Tensor
 
 from hsae.models import register
 from hsae.models.codes import Codes, SparseCodes
-from hsae.models.topk import TopKConfig, TopKSAE, topk_codes
+from hsae.models.kernels import batch_topk_select, encoder_matmul, masked_topk_select
+from hsae.models.topk import _SPARSE_ACTIVATES, TopKConfig, TopKSAE, topk_codes
 
 
 @dataclass
@@ -25,17 +29,11 @@ class BatchTopKConfig(TopKConfig):
 
 
 def batch_topk_codes(pre: Tensor, k: int) -> SparseCodes:
-    """The k * n largest positive pre-activations of the whole batch, as CSR codes (rows sorted)."""
-    n, m = pre.shape
-    values, flat = pre.reshape(-1).topk(min(k * n, n * m), sorted=False)
-    keep = values > 0
-    values, flat = values[keep], flat[keep]
-    flat, order = flat.sort()  # row-major order groups the entries by token
-    values = values[order]
-    rows = torch.div(flat, m, rounding_mode="floor")
-    offsets = torch.zeros(n + 1, dtype=torch.long, device=pre.device)
-    offsets[1:] = torch.bincount(rows, minlength=n).cumsum(0)
-    return SparseCodes(flat - rows * m, values, m, offsets)
+    """The k * n largest positive pre-activations of the whole batch, as CSR codes (rows sorted).
+    Differentiable w.r.t. `pre` (the values are gathered from it)."""
+    _, idx, offsets = batch_topk_select(pre.detach(), k)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(offsets.diff(), output_size=idx.numel())
+    return SparseCodes(idx, pre[rows, idx], pre.shape[1], offsets)
 
 
 @register("batchtopk")
@@ -47,18 +45,32 @@ class BatchTopKSAE(TopKSAE):
         # -1 until the first training batch sets it.
         self.register_buffer("threshold", torch.tensor(-1.0))
 
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        smallest = values.min() if values.numel() else values.new_tensor(0.0)
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest.to(self.threshold.dtype), self.config.threshold_momentum)
+
     def activate(self, pre: Tensor, k: int | None = None) -> Codes:
         if k is not None:
             return topk_codes(pre, k)
         if self.training:
             codes = batch_topk_codes(pre, self.config.k)
-            with torch.no_grad():
-                smallest = codes.values.min() if codes.values.numel() else pre.new_tensor(0.0)
-                if self.threshold < 0:
-                    self.threshold.copy_(smallest)
-                else:
-                    self.threshold.lerp_(smallest.to(self.threshold.dtype), self.config.threshold_momentum)
+            self._update_threshold(codes.values.detach())
             return codes
         if self.threshold < 0:
             return topk_codes(pre, self.config.k)  # never trained: behave as TopK
         return SparseCodes.from_dense(pre * (pre > self.threshold))
+
+    def _select_train(self, xc, dead_cols, k_aux):
+        with torch.no_grad():
+            pre = encoder_matmul(xc, self.W_enc.detach(), self.b_enc.detach(), self._compute_dtype)
+            values, indices, offsets = batch_topk_select(pre, self.config.k)
+            self._update_threshold(values)
+            aux = None if dead_cols is None else masked_topk_select(pre, dead_cols, k_aux)
+        return SparseCodes(indices, values, self.n_latents, offsets), aux
+
+
+_SPARSE_ACTIVATES.add(BatchTopKSAE.activate)

@@ -3,12 +3,23 @@
 Codes keep the k largest pre-activations of each token (ReLU'd), as sparse (indices, values). The
 AuxK loss revives dead latents: the k_aux largest pre-activations among latents dead for the trainer's
 window reconstruct the main reconstruction's residual, weighted by `aux_coef` (1/32 in the paper).
-Decoding goes through `embedding_bag` over the k active latents, never a dense code.
+
+Training takes the sparse path of `hsae.models.kernels` (issue 6): the pre-activations are computed
+in row chunks without autograd and only the selected entries are kept; the code values are then
+re-attached to W_enc, b_enc and b_dec by a custom autograd function whose backward is a segment sum
+over the k active latents per token, and decoding goes through `embedding_bag` with a sparse
+backward. The cost of a step is the encoder matmul plus O(k + k_aux) per token, and it computes the
+same codes, losses and gradients as the dense formulation (`forward` of the base class, which is
+what runs in eval mode, without autograd, or for subclasses that change `activate`/`extra_losses`).
+
+`compute_dtype = "bfloat16"` runs the encoder matmul in bf16 (weights stay float32; on CPUs with
+AVX-512 bf16/AMX and on GPUs it is several times faster); everything else stays float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -16,9 +27,14 @@ from torch import Tensor
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.base import SAE, StepContext
+from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes, SparseCodes
-from hsae.models.kernels import sparse_decode
+from hsae.models.kernels import (
+    DEFAULT_CHUNK_ROWS, compute_dtype_of, encode_topk_chunked, encoder_matmul, sparse_decode,
+    sparse_encoder_values,
+)
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -27,6 +43,8 @@ class TopKConfig(SAEConfig):
     # Latents used by the AuxK loss; None means d_in // 2 (as in sparsify), capped by the dead count.
     aux_k: int | None = None
     aux_coef: float = 1 / 32
+    # dtype of the encoder matmul ("float32", or "bfloat16" for speed); weights stay float32.
+    compute_dtype: str = "float32"
 
     def validate(self) -> None:
         if self.k is None:
@@ -34,6 +52,8 @@ class TopKConfig(SAEConfig):
         super().validate()
         if self.aux_coef < 0:
             raise HsaeError("aux_coef must be >= 0")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise HsaeError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
 
 def topk_codes(pre: Tensor, k: int) -> SparseCodes:
@@ -41,28 +61,40 @@ def topk_codes(pre: Tensor, k: int) -> SparseCodes:
     return SparseCodes(indices, values.relu(), pre.shape[-1])
 
 
-def auxk_loss(model: SAE, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None, aux_k: int) -> dict[str, Tensor]:
-    """Gao et al.'s AuxK term: dead latents reconstruct the residual of the live ones."""
-    cfg = model.config
-    if ctx is None or ctx.dead_mask is None or cfg.aux_coef == 0:  # type: ignore[attr-defined]
-        return {}
-    n_dead = int(ctx.dead_mask.sum())
-    if n_dead == 0:
-        return {}
-    k_aux = min(aux_k, n_dead)
+def aux_plan(model: SAE, ctx: StepContext | None, aux_k: int) -> tuple[Tensor | None, int]:
+    """(dead latent ids, k_aux) when the AuxK term applies this step, else (None, 0)."""
+    if ctx is None or ctx.dead_mask is None or model.config.aux_coef == 0:  # type: ignore[attr-defined]
+        return None, 0
+    dead_cols = ctx.dead_mask.nonzero().squeeze(1).to(model.W_enc.device)
+    if dead_cols.numel() == 0:
+        return None, 0
+    return dead_cols, min(aux_k, dead_cols.numel())
+
+
+def auxk_term(model: SAE, xn: Tensor, xn_hat: Tensor, values: Tensor, indices: Tensor) -> dict[str, Tensor]:
+    """Weighted AuxK loss of the dead latents' codes (values, indices) on the live residual."""
     residual = (xn - xn_hat).detach()
-    masked = pre.masked_fill(~ctx.dead_mask, float("-inf"))
-    values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-    values = torch.where(torch.isfinite(values), values.relu(), torch.zeros_like(values))
     residual_hat = sparse_decode(indices, values, model.W_dec)
     loss = (residual_hat - residual).pow(2).sum(-1).mean()
-    return {"auxk": cfg.aux_coef * torch.nan_to_num(loss)}  # type: ignore[attr-defined]
+    return {"auxk": model.config.aux_coef * torch.nan_to_num(loss)}  # type: ignore[attr-defined]
+
+
+def auxk_loss(model: SAE, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None, aux_k: int) -> dict[str, Tensor]:
+    """Gao et al.'s AuxK term: dead latents reconstruct the residual of the live ones (the k_aux
+    largest pre-activations among the dead latents, ReLU'd; gradients flow through `pre`)."""
+    dead_cols, k_aux = aux_plan(model, ctx, aux_k)
+    if dead_cols is None:
+        return {}
+    values, pos = pre.index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False)
+    return auxk_term(model, xn, xn_hat, values.relu(), dead_cols[pos])
 
 
 @register("topk")
 class TopKSAE(SAE):
     config_class = TopKConfig
     supports_k = True
+    # Rows of pre-activations computed at once on the sparse training path.
+    train_chunk_rows: ClassVar[int] = DEFAULT_CHUNK_ROWS
 
     def activate(self, pre: Tensor, k: int | None = None) -> Codes:
         k = k or self.config.k
@@ -75,3 +107,56 @@ class TopKSAE(SAE):
 
     def extra_losses(self, xn, pre, codes, xn_hat, ctx):
         return auxk_loss(self, xn, pre, xn_hat, ctx, self.aux_k())
+
+    @property
+    def _compute_dtype(self) -> torch.dtype | None:
+        """dtype of the encoder matmul; None: the weights' own (float32 means "no cast")."""
+        name = self.config.compute_dtype  # type: ignore[attr-defined]
+        return None if name == "float32" else compute_dtype_of(name)
+
+    def pre_activations(self, xn: Tensor) -> Tensor:
+        return encoder_matmul(xn - self.b_dec, self.W_enc, self.b_enc, self._compute_dtype)
+
+    # ----- the sparse training path ------------------------------------------------------------
+    def _sparse_path_ok(self) -> bool:
+        """The sparse path reproduces `activate` + `extra_losses` of the families it knows; a
+        subclass that changes either (and keeps this forward) gets the dense formulation."""
+        cls = type(self)
+        return (
+            self.training and torch.is_grad_enabled() and self.W_enc.requires_grad
+            and cls.activate in _SPARSE_ACTIVATES and cls.extra_losses is TopKSAE.extra_losses
+        )
+
+    def _select_train(
+        self, xc: Tensor, dead_cols: Tensor | None, k_aux: int
+    ) -> tuple[SparseCodes, tuple[Tensor, Tensor] | None]:
+        """Training codes (values without autograd) and the AuxK entries, from xc = xn - b_dec."""
+        sel = encode_topk_chunked(
+            xc, self.W_enc.detach(), self.b_enc.detach(), self.config.k, dead_cols=dead_cols, k_aux=k_aux,
+            compute_dtype=self._compute_dtype, chunk_rows=self.train_chunk_rows,
+        )
+        codes = SparseCodes(sel.indices, sel.values, self.n_latents)
+        aux = None if sel.aux_values is None else (sel.aux_values, sel.aux_indices)
+        return codes, aux
+
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
+        if not self._sparse_path_ok():
+            return super().forward(x, ctx)
+        xn = self.scale_in(x)
+        xc = xn.detach() - self.b_dec.detach()
+        dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
+        codes, aux = self._select_train(xc, dead_cols, k_aux)
+
+        def attach(values: Tensor, indices: Tensor, offsets: Tensor | None = None) -> Tensor:
+            return sparse_encoder_values(values, xn, self.W_enc, self.b_enc, self.b_dec, indices, offsets, xc=xc)
+
+        codes = SparseCodes(codes.indices, attach(codes.values, codes.indices, codes.offsets), self.n_latents, codes.offsets)
+        xn_hat = self.decode_normalized(codes)
+        losses = {"mse": (xn_hat - xn).pow(2).sum(-1).mean()}
+        if aux is not None:
+            losses.update(auxk_term(self, xn, xn_hat, attach(*aux), aux[1]))
+        return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
+
+
+# `activate` methods whose codes are ReLU'd pre-activations at the selected entries (batchtopk adds its own).
+_SPARSE_ACTIVATES = {TopKSAE.activate}

@@ -1,0 +1,339 @@
+"""Training speed of the TopK-style families against a plain dense PyTorch TopK step and EleutherAI's
+sparsify, in one process, on the same data (issue 6).
+
+    python benchmarks/train_speed.py              # d_in=384, 6144 latents, k=32, batch 4096, fp32, Adam
+    python benchmarks/train_speed.py --quick      # fewer steps
+    python benchmarks/train_speed.py --families topk,dense --steps 20
+
+Every figure is for a full training step: forward, backward, decoder-gradient projection, Adam,
+decoder renormalisation, dead-latent bookkeeping (AuxK switches on once latents are dead for
+`--dead-window` tokens, for every family alike). The matmul limit is the machine's measured float32
+rate for (batch x d_in) @ (d_in x n_latents): the tokens/s training would reach if a step cost exactly
+that one matmul. Peak memory is measured with the PyTorch profiler's memory timeline over one step
+and compared with what parameters, Adam state and one batch need. FVU is measured on a held-out
+batch after the same number of steps on the same data, to show speed is not bought with a worse
+model. eai-sparsify is measured when `import sparsify` works (it is not a dependency of hsae).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hsae.eval.core import fvu
+from hsae.models import StepContext, get_family
+from hsae.models.base import init_b_dec_geometric_median, standard_input_scale
+from hsae.models.codes import fire_counts
+from hsae.models.topk import TopKSAE
+from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
+
+D_IN, N_LATENTS, K, BATCH = 384, 6144, 32, 4096
+
+
+# ----- the dense reference: what a plain PyTorch TopK SAE does -------------------------------------
+class DenseTopK(torch.nn.Module):
+    """Dense codes, dense decoder matmul, autograd everywhere; AuxK by masked top-k."""
+
+    def __init__(self, d: int, m: int, k: int, aux_k: int):
+        super().__init__()
+        self.k, self.aux_k = k, aux_k
+        w = torch.randn(m, d)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(w)
+        self.W_enc = torch.nn.Parameter(w.T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(m))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+
+    def forward(self, xn: torch.Tensor, dead: torch.Tensor | None = None):
+        pre = (xn - self.b_dec) @ self.W_enc + self.b_enc
+        v, i = pre.topk(self.k, dim=-1, sorted=False)
+        z = torch.zeros_like(pre).scatter(1, i, v.relu())
+        xn_hat = z @ self.W_dec + self.b_dec
+        loss = (xn_hat - xn).pow(2).sum(-1).mean()
+        if dead is not None and dead.any():
+            av, ai = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, int(dead.sum())), dim=-1, sorted=False)
+            za = torch.zeros_like(pre).scatter(1, ai, av.relu())
+            loss = loss + (za @ self.W_dec - (xn - xn_hat).detach()).pow(2).sum(-1).mean() / 32
+        return xn_hat, z, loss
+
+
+@dataclass
+class Runner:
+    name: str
+    params: list[torch.Tensor]
+    step: Callable[[torch.Tensor, int], None]  # (raw batch, step index)
+    reconstruct: Callable[[torch.Tensor], torch.Tensor]  # raw -> raw, inference mode
+    note: str = ""
+
+
+def _adam(params, kind: str, lr: float) -> torch.optim.Adam:
+    if kind == "fused":
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    if kind == "foreach":
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+    return torch.optim.Adam(params, lr=lr)
+
+
+class DeadTracker:
+    def __init__(self, m: int, window: int):
+        self.since = torch.zeros(m, dtype=torch.long)
+        self.window = window
+
+    def mask(self) -> torch.Tensor:
+        return self.since >= self.window
+
+    def update(self, fired: torch.Tensor, n: int) -> None:
+        self.since += n
+        self.since[fired] = 0
+
+
+def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_dtype: str = "float32", name: str | None = None) -> Runner:
+    fam = get_family(arch)
+    cfg = fam.config_class(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, input_scale=scale, compute_dtype=compute_dtype)
+    cfg.validate()
+    torch.manual_seed(0)
+    model = fam.from_config(cfg)
+    with torch.no_grad():
+        model.b_dec.copy_(b_dec)
+    model.train()
+    opt = _adam(model.parameters(), args.adam, args.lr)
+    dead = DeadTracker(N_LATENTS, args.dead_window)
+
+    def step(x: torch.Tensor, i: int) -> None:
+        ctx = StepContext(step=i, total_steps=args.total_steps, dead_mask=dead.mask())
+        out = model(x, ctx)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        model.remove_parallel_decoder_grad()
+        opt.step()
+        model.normalize_decoder()
+        model.after_step(out, ctx)
+        dead.update(fire_counts(out.codes) > 0, x.shape[0])
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            x_hat = model(x).x_hat
+        model.train()
+        return x_hat
+
+    return Runner(name or arch, list(model.parameters()), step, reconstruct)
+
+
+def dense_runner(scale: float, b_dec: torch.Tensor, args) -> Runner:
+    torch.manual_seed(0)
+    model = DenseTopK(D_IN, N_LATENTS, K, aux_k=D_IN // 2)
+    with torch.no_grad():
+        model.b_dec.copy_(b_dec)
+    opt = _adam(model.parameters(), args.adam, args.lr)
+    dead = DeadTracker(N_LATENTS, args.dead_window)
+
+    def step(x: torch.Tensor, i: int) -> None:
+        _, z, loss = model(x * scale, dead.mask())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            w, g = model.W_dec, model.W_dec.grad
+            g -= (g * w).sum(-1, keepdim=True) * w
+        opt.step()
+        with torch.no_grad():
+            model.W_dec /= model.W_dec.norm(dim=1, keepdim=True)
+        dead.update((z != 0).any(0), x.shape[0])
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x * scale)[0] / scale
+
+    return Runner("dense reference", list(model.parameters()), step, reconstruct)
+
+
+def sparsify_runner(scale: float, b_dec: torch.Tensor, args) -> Runner | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sparsify
+            from sparsify import SparseCoder, SparseCoderConfig
+    except Exception as err:  # not installed (or its imports fail): skip, it is optional
+        print(f"eai-sparsify not measured: {type(err).__name__}: {err}")
+        return None
+    torch.manual_seed(0)
+    sae = SparseCoder(D_IN, SparseCoderConfig(num_latents=N_LATENTS, k=K), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        sae.b_dec.copy_(b_dec)
+    opt = _adam(sae.parameters(), args.adam, args.lr)
+    dead = DeadTracker(N_LATENTS, args.dead_window)
+
+    def step(x: torch.Tensor, i: int) -> None:
+        out = sae(x * scale, dead_mask=dead.mask())
+        loss = out.fvu + out.auxk_loss / 32  # sparsify's trainer: fvu + auxk_alpha * auxk_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+        fired = torch.zeros(N_LATENTS, dtype=torch.bool)
+        fired[out.latent_indices.flatten()] = True
+        dead.update(fired, x.shape[0])
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return sae(x * scale).sae_out / scale
+
+    return Runner(f"eai-sparsify {sparsify.__version__}", list(sae.parameters()), step, reconstruct)
+
+
+# ----- measurement ---------------------------------------------------------------------------------
+def matmul_seconds(dtype: torch.dtype, reps: int = 10) -> float:
+    a = torch.randn(BATCH, D_IN).to(dtype)
+    b = torch.randn(D_IN, N_LATENTS).to(dtype)
+    best = math.inf
+    for _ in range(reps + 2):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
+    """Peak of tensor memory allocated during one step (profiler memory timeline), above what was
+    alive before it."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+                runner.step(x, i)
+            _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+        return float(max(sum(s) for s in sizes)) if sizes else 0.0
+    except Exception as err:  # the profiler's memory timeline is private API
+        print(f"peak memory of {runner.name} not measured: {type(err).__name__}: {err}")
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per family (after 2 warm-up steps)")
+    ap.add_argument("--families", default="dense,sparsify,topk,batchtopk,topk-bf16",
+                    help="comma list of: dense, sparsify, topk, batchtopk, topk-bf16, batchtopk-bf16")
+    ap.add_argument("--quick", action="store_true", help="8 timed steps")
+    ap.add_argument("--adam", choices=["fused", "foreach", "default"], default="fused",
+                    help="torch.optim.Adam flavour, the same for every family (default: fused)")
+    ap.add_argument("--dead-window", type=int, default=1_000_000,
+                    help="tokens without firing after which a latent is dead (AuxK on), as the trainer's dead_window_tokens; same for all")
+    ap.add_argument("--chunk-rows", type=int, default=TopKSAE.train_chunk_rows, help="hsae TopK encode chunk")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the (profiled) peak-memory step")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 8)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    TopKSAE.train_chunk_rows = args.chunk_rows
+    warmup = 2
+    args.total_steps = warmup + args.steps + (0 if args.no_memory else 1)
+    args.lr = 2e-4 / math.sqrt(N_LATENTS / 2**14)  # Gao et al.'s rule, hsae's default
+
+    # Same data for everyone: a pool of synthetic batches (d_in=384, a forest of 1280 features).
+    source = SyntheticSource(SyntheticConfig(d_in=D_IN, n_roots=256, branching=4, depth=2, p_root=0.04,
+                                             noise_std=0.05, seed=0))
+    n_pool = min(args.total_steps, 12)
+    it = source.batches(BATCH, 0, 0, 1)
+    pool = [next(it).float() for _ in range(n_pool)]
+    held_out = source.sample_with_truth(BATCH, stream=7).x.float()
+    scale = standard_input_scale(pool[0])
+    b_dec = init_b_dec_geometric_median(pool[0] * scale)
+
+    t32, t16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
+    flop = 2 * BATCH * D_IN * N_LATENTS
+    limit = BATCH / t32
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d_in={D_IN} n_latents={N_LATENTS} k={K} "
+          f"batch={BATCH}; Adam={args.adam}; dead window {args.dead_window} tokens")
+    print(f"matmul ({BATCH}x{D_IN})@({D_IN}x{N_LATENTS}): fp32 {flop / t32 / 1e9:.0f} GFLOP/s ({t32 * 1e3:.1f} ms) "
+          f"-> limit {limit:,.0f} tokens/s; bf16 {flop / t16 / 1e9:.0f} GFLOP/s ({t16 * 1e3:.1f} ms)")
+
+    builders = {
+        "dense": lambda: dense_runner(scale, b_dec, args),
+        "sparsify": lambda: sparsify_runner(scale, b_dec, args),
+        "topk": lambda: hsae_runner("topk", scale, b_dec, args),
+        "batchtopk": lambda: hsae_runner("batchtopk", scale, b_dec, args),
+        "topk-bf16": lambda: hsae_runner("topk", scale, b_dec, args, compute_dtype="bfloat16", name="topk (bf16 matmul)"),
+        "batchtopk-bf16": lambda: hsae_runner("batchtopk", scale, b_dec, args, compute_dtype="bfloat16",
+                                              name="batchtopk (bf16 matmul)"),
+    }
+    rows = []
+    for fam in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if fam not in builders:
+            raise SystemExit(f"unknown family {fam!r}; choose from {', '.join(builders)}")
+        runner = builders[fam]()
+        if runner is None:
+            continue
+        i = 0
+        for _ in range(warmup):
+            runner.step(pool[i % n_pool], i)
+            i += 1
+        times = []
+        for _ in range(args.steps):
+            x = pool[i % n_pool]
+            t = time.perf_counter()
+            runner.step(x, i)
+            times.append(time.perf_counter() - t)
+            i += 1
+        param_bytes = sum(p.numel() * p.element_size() for p in runner.params)
+        budget = 3 * param_bytes + BATCH * D_IN * 4  # params + Adam's two moments + one batch
+        peak = None
+        if not args.no_memory:
+            extra = peak_step_bytes(runner, pool[i % n_pool], i)
+            i += 1
+            # Alive before the step: params, Adam state, the batch (grads were freed by zero_grad).
+            peak = None if extra is None else budget + extra
+        # Median of the timed steps (robust to other load on the machine) and the best one.
+        times.sort()
+        med = times[len(times) // 2]
+        rows.append(dict(name=runner.name, tps=BATCH / med, best=BATCH / times[0], ms=med * 1e3, peak=peak,
+                         budget=budget, fvu=fvu(held_out, runner.reconstruct(held_out)), steps=i))
+        print(f"  {runner.name}: {rows[-1]['tps']:,.0f} tokens/s (median step {med * 1e3:.0f} ms, best "
+              f"{times[0] * 1e3:.0f} ms), FVU {rows[-1]['fvu']:.4f} after {i} steps", flush=True)
+
+    dense_tps = next((r["tps"] for r in rows if r["name"] == "dense reference"), None)
+    sp_tps = next((r["tps"] for r in rows if r["name"].startswith("eai-sparsify")), None)
+    _table(rows, limit, dense_tps, sp_tps)
+
+
+def _table(rows, limit, dense_tps, sp_tps) -> None:
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if b else "-"
+
+    header = ["family", "tokens/s", "ms/step", "of limit", "vs dense", "vs sparsify", "peak MB", "peak/budget", "FVU"]
+    body = []
+    for r in rows:
+        peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
+        pb = "-" if r["peak"] is None else f"{r['peak'] / r['budget']:.2f}"
+        body.append([r["name"], f"{r['tps']:,.0f}", f"{r['ms']:.0f}", f"{r['tps'] / limit:.0%}", ratio(r["tps"], dense_tps),
+                     ratio(r["tps"], sp_tps), peak, pb, f"{r['fvu']:.4f}"])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"training step, matmul limit {limit:,.0f} tokens/s (FVU on held-out data, same steps)")
+        for h in header:
+            table.add_column(h, justify="left" if h == "family" else "right")
+        for b in body:
+            table.add_row(*b)
+        Console(width=160).print(table)
+    except ImportError:
+        widths = [max(len(h), *(len(b[j]) for b in body)) for j, h in enumerate(header)]
+        print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+        for b in body:
+            print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+
+
+if __name__ == "__main__":
+    main()

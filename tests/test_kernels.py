@@ -1,0 +1,294 @@
+"""The sparse kernels (hsae.models.kernels) against the dense computation: values and gradients of the
+decoder, the encoder's sparse backward, the selections, and whole TopK / BatchTopK training steps
+(with and without AuxK) against a plain dense PyTorch reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hsae.models import StepContext, get_family
+from hsae.models.base import SAE
+from hsae.models.codes import SparseCodes
+from hsae.models.kernels import (
+    batch_topk_select, encode_topk_chunked, masked_topk_select, sparse_decode, sparse_encoder_values,
+    topk_select,
+)
+
+DTYPE = torch.float64
+
+
+def _close(a, b, rtol=1e-9, atol=1e-9):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# ----- decoder ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_decode_equals_dense_values_and_gradients(ragged, dtype):
+    torch.manual_seed(0)
+    n, m, d, k = 37, 50, 12, 5
+    W = torch.randn(m, d, dtype=dtype, requires_grad=True)
+    pre = torch.randn(n, m, dtype=dtype)
+    if ragged:
+        pre[3] = -1.0  # an empty row
+        codes = SparseCodes.from_dense(pre * (pre > 1.0))  # variable count per row
+        assert codes.l0().min() == 0
+    else:
+        v, i = pre.topk(k, dim=-1)
+        codes = SparseCodes(i, v, m)
+    vals = codes.values.clone().requires_grad_(True)
+    out = sparse_decode(codes.indices, vals, W, codes.offsets)
+    dense = SparseCodes(codes.indices, vals, m, codes.offsets).dense()
+    ref = dense @ W
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    _close(out, ref, **tol)
+    g = torch.randn(n, d, dtype=dtype)
+    gv, gw = torch.autograd.grad(out, (vals, W), g)
+    rv, rw = torch.autograd.grad(ref, (vals, W), g)
+    _close(gv, rv, **tol)
+    _close(gw, rw, **tol)
+
+
+def test_sparse_decode_one_sided_gradients():
+    torch.manual_seed(1)
+    W = torch.randn(20, 6, dtype=DTYPE, requires_grad=True)
+    idx = torch.randint(0, 20, (9, 3))
+    vals = torch.randn(9, 3, dtype=DTYPE)
+    (gw,) = torch.autograd.grad(sparse_decode(idx, vals, W).square().sum(), W)
+    dense = torch.zeros(9, 20, dtype=DTYPE).scatter_add(1, idx, vals)
+    (rw,) = torch.autograd.grad((dense @ W).square().sum(), W)
+    _close(gw, rw)
+    vals.requires_grad_(True)
+    Wc = W.detach()
+    (gv,) = torch.autograd.grad(sparse_decode(idx, vals, Wc).square().sum(), vals)
+    (rv,) = torch.autograd.grad((torch.zeros(9, 20, dtype=DTYPE).scatter_add(1, idx, vals) @ Wc).square().sum(), vals)
+    _close(gv, rv)
+
+
+# ----- encoder ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ragged", [False, True])
+def test_sparse_encoder_gradients_equal_dense(ragged):
+    torch.manual_seed(2)
+    n, m, d, k = 31, 40, 10, 6
+    xn = torch.randn(n, d, dtype=DTYPE, requires_grad=True)
+    W = torch.randn(d, m, dtype=DTYPE, requires_grad=True)
+    be = (torch.randn(m, dtype=DTYPE) - 4.5).requires_grad_(True)
+    bd = torch.randn(d, dtype=DTYPE, requires_grad=True)
+    params = (xn, W, be, bd)
+    pre = (xn - bd) @ W + be
+    if ragged:
+        vals, idx, off = batch_topk_select(pre.detach(), k)
+        rows = torch.arange(n).repeat_interleave(off.diff())
+        ref_vals = pre[rows, idx].relu()
+    else:
+        vals, idx = topk_select(pre.detach(), k)
+        off = None
+        ref_vals = pre.gather(1, idx).relu()
+    # Some selected values are <= 0 (ReLU'd to 0): their gradient must not pass.
+    assert ragged or (vals == 0).any()
+    got = sparse_encoder_values(vals, xn, W, be, bd, idx, off)
+    _close(got, ref_vals)
+    weight = torch.randn_like(got)
+    g_sparse = torch.autograd.grad((got * weight).sum() + got.square().sum(), params)
+    g_dense = torch.autograd.grad((ref_vals * weight).sum() + ref_vals.square().sum(), params)
+    for a, b in zip(g_sparse, g_dense):
+        _close(a, b)
+
+
+def test_sparse_encoder_skips_data_gradient():
+    torch.manual_seed(3)
+    xn = torch.randn(8, 4)
+    W = torch.randn(4, 12, requires_grad=True)
+    be = torch.zeros(12, requires_grad=True)
+    bd = torch.zeros(4, requires_grad=True)
+    vals, idx = topk_select(((xn - bd) @ W + be).detach(), 3)
+    out = sparse_encoder_values(vals, xn, W, be, bd, idx)
+    out.sum().backward()
+    assert xn.grad is None and W.grad.shape == W.shape and be.grad.shape == be.shape
+
+
+# ----- selection -------------------------------------------------------------------------------------
+def _as_set(rows, cols):
+    return set(zip(rows.tolist(), cols.tolist()))
+
+
+@pytest.mark.parametrize("shape,k", [((64, 96), 4), ((50, 37), 3), ((8, 16), 16), ((100, 64), 1)])
+def test_batch_topk_select_equals_flat_topk(shape, k):
+    torch.manual_seed(4)
+    pre = torch.randn(*shape)
+    n, m = shape
+    ref_v, ref_flat = pre.reshape(-1).topk(min(k * n, n * m))
+    keep = ref_v > 0
+    ref = _as_set(ref_flat[keep] // m, ref_flat[keep] % m)
+    vals, idx, off = batch_topk_select(pre, k)
+    rows = torch.arange(n).repeat_interleave(off.diff())
+    assert _as_set(rows, idx) == ref
+    _close(vals, pre[rows, idx], rtol=0, atol=0)
+    assert off[0] == 0 and off[-1] == idx.numel()
+    for r in range(n):  # latents in order within each row
+        seg = idx[off[r] : off[r + 1]]
+        assert torch.all(seg[1:] > seg[:-1])
+
+
+def test_masked_topk_and_chunked_encode_equal_reference():
+    torch.manual_seed(5)
+    n, d, m, k = 70, 8, 48, 5
+    xc, W, b = torch.randn(n, d), torch.randn(d, m), torch.randn(m)
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[torch.randperm(m)[:11]] = True
+    cols = dead.nonzero().squeeze(1)
+    pre = torch.addmm(b, xc, W)
+    sel = encode_topk_chunked(xc, W, b, k, dead_cols=cols, k_aux=7, chunk_rows=16)
+    ref_v, ref_i = pre.topk(k, dim=-1)
+    assert torch.equal(sel.indices.sort(-1).values, ref_i.sort(-1).values)
+    _close(sel.values.sort(-1).values, ref_v.relu().sort(-1).values, rtol=1e-6, atol=1e-6)
+    ref_av, ref_ai = pre.masked_fill(~dead, float("-inf")).topk(7, dim=-1)
+    assert torch.equal(sel.aux_indices.sort(-1).values, ref_ai.sort(-1).values)
+    _close(sel.aux_values.sort(-1).values, ref_av.relu().sort(-1).values, rtol=1e-6, atol=1e-6)
+    mv, mi = masked_topk_select(pre, cols, 7)
+    assert torch.equal(mi.sort(-1).values, ref_ai.sort(-1).values)
+
+
+# ----- whole training steps against a dense PyTorch reference ------------------------------------------
+def _dense_reference(model: SAE, x: torch.Tensor, ctx: StepContext | None, batch: bool) -> tuple[dict, torch.Tensor]:
+    """Plain dense formulation: dense codes, dense decoder matmul, masked-fill AuxK, autograd."""
+    cfg = model.config
+    xn = x * cfg.input_scale
+    pre = (xn - model.b_dec) @ model.W_enc + model.b_enc
+    n, m = pre.shape
+    if batch:
+        v, flat = pre.reshape(-1).topk(cfg.k * n)
+        dense = torch.zeros(n * m, dtype=pre.dtype).index_put((flat,), v.relu()).view(n, m)
+    else:
+        v, i = pre.topk(cfg.k, dim=-1)
+        dense = torch.zeros_like(pre).scatter(1, i, v.relu())
+    xn_hat = dense @ model.W_dec + model.b_dec
+    losses = {"mse": (xn_hat - xn).pow(2).sum(-1).mean()}
+    if ctx is not None and ctx.dead_mask is not None and ctx.dead_mask.any():
+        k_aux = min(model.aux_k(), int(ctx.dead_mask.sum()))
+        av, ai = pre.masked_fill(~ctx.dead_mask, float("-inf")).topk(k_aux, dim=-1)
+        aux_dense = torch.zeros_like(pre).scatter(1, ai, av.relu())
+        residual = (xn - xn_hat).detach()
+        losses["auxk"] = cfg.aux_coef * (aux_dense @ model.W_dec - residual).pow(2).sum(-1).mean()
+    return losses, dense
+
+
+def _model(arch: str, **kw) -> SAE:
+    fam = get_family(arch)
+    cfg = fam.config_class(arch=arch, d_in=16, n_latents=64, k=4, input_scale=1.3, **kw)
+    cfg.validate()
+    torch.manual_seed(7)
+    model = fam.from_config(cfg).double().train()
+    with torch.no_grad():
+        model.b_dec.normal_(0, 0.1)
+        model.b_enc.normal_(0, 0.1)
+        model.W_enc.add_(0.05 * torch.randn_like(model.W_enc))
+    return model
+
+
+GRAD_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_training_step_equals_dense_reference(arch, with_aux):
+    model = _model(arch)
+    ref_model = copy.deepcopy(model)
+    torch.manual_seed(8)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = None
+    if with_aux:
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[::3] = True
+    ctx = StepContext(step=0, total_steps=10, dead_mask=dead)
+    assert model._sparse_path_ok()
+    out = model(x, ctx)
+    assert isinstance(out.codes, SparseCodes) and out.codes.is_ragged == (arch == "batchtopk")
+    assert set(out.losses) == ({"mse", "auxk"} if with_aux else {"mse"})
+    ref_losses, ref_dense = _dense_reference(ref_model, x, ctx, batch=arch == "batchtopk")
+    for name in ref_losses:
+        _close(out.losses[name], ref_losses[name])
+    _close(out.codes.dense().detach(), ref_dense.detach())
+    _close(out.x_hat * model.config.input_scale, (ref_dense @ ref_model.W_dec + ref_model.b_dec).detach())
+    out.loss.backward()
+    sum(ref_losses.values()).backward()
+    for name in GRAD_NAMES:
+        _close(getattr(model, name).grad, getattr(ref_model, name).grad)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_and_dense_paths_train_to_the_same_weights(arch):
+    """A few Adam steps of the real loop pieces: the sparse path and the base class's dense
+    formulation end with the same weights (up to float rounding) and the same threshold."""
+    model = _model(arch, aux_k=6).float()
+    ref = copy.deepcopy(model)
+    opts = [torch.optim.Adam(mdl.parameters(), lr=1e-2) for mdl in (model, ref)]
+    torch.manual_seed(9)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    for step in range(6):
+        x = torch.randn(32, 16)
+        ctx = StepContext(step=step, total_steps=6, dead_mask=dead if step % 2 else None)
+        for mdl, opt, dense in ((model, opts[0], False), (ref, opts[1], True)):
+            out = SAE.forward(mdl, x, ctx) if dense else mdl(x, ctx)
+            opt.zero_grad()
+            out.loss.backward()
+            mdl.remove_parallel_decoder_grad()
+            opt.step()
+            mdl.normalize_decoder()
+    for name in GRAD_NAMES:
+        _close(getattr(model, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
+    if arch == "batchtopk":
+        _close(model.threshold, ref.threshold, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_and_no_grad_use_the_dense_formulation():
+    model = _model("topk")
+    x = torch.randn(10, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert not model._sparse_path_ok()
+        a = model(x)
+    b = model.eval()(x)
+    _close(a.x_hat, b.x_hat)
+
+
+def test_bf16_compute_dtype_matches_between_paths_and_costs_little():
+    """bf16 encoder matmul: the sparse path's loss equals the dense formulation's; its gradients are
+    those of the bf16 forward computed in float32 (a straight-through reference)."""
+    torch.manual_seed(10)
+    m32 = _model("topk").float()
+    m16 = copy.deepcopy(m32)
+    m16.config.compute_dtype = "bfloat16"
+    x = torch.randn(64, 16)
+    out16 = m16(x)
+    _close(out16.loss, SAE.forward(copy.deepcopy(m16), x).loss, rtol=1e-5, atol=1e-6)
+    out16.loss.backward()
+    ref = copy.deepcopy(m32)
+    xc = x * ref.config.input_scale - ref.b_dec
+    pre32 = xc @ ref.W_enc + ref.b_enc
+    pre16 = (xc.bfloat16() @ ref.W_enc.bfloat16()).float() + ref.b_enc
+    pre = pre32 + (pre16 - pre32).detach()
+    v, i = pre.topk(ref.config.k, dim=-1)
+    xn_hat = torch.zeros_like(pre).scatter(1, i, v.relu()) @ ref.W_dec + ref.b_dec
+    loss = (xn_hat - x * ref.config.input_scale).pow(2).sum(-1).mean()
+    _close(out16.loss, loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for name in GRAD_NAMES:
+        _close(getattr(m16, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-5)
+    out32 = m32(x)
+    # bf16 rounding of the matmul inputs moves the loss a little, not a lot.
+    mse16, mse32 = out16.losses["mse"].item(), out32.losses["mse"].item()
+    assert abs(mse16 - mse32) < 0.05 * mse32
+
+
+@pytest.mark.parametrize("n,m,k", [(50, 512, 8), (33, 6144, 32), (20, 96, 3), (10, 100, 7), (5, 64, 64)])
+def test_topk_select_equals_torch_topk(n, m, k):
+    torch.manual_seed(11)
+    pre = torch.randn(n, m)
+    vals, idx = topk_select(pre, k)
+    ref_v, ref_i = pre.topk(k, dim=-1)
+    assert torch.equal(idx.sort(-1).values, ref_i.sort(-1).values)
+    _close(vals.sort(-1).values, ref_v.relu().sort(-1).values, rtol=0, atol=0)
