@@ -1,0 +1,115 @@
+"""`hsae harvest`: model activations on a corpus into a store; `hsae hooks`: a model's hook sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hsae.cli import app
+from hsae.sources.hf import DEFAULT_BATCH_TOKENS, DEFAULT_HOOK, DEFAULT_SORT_WINDOW
+
+
+def _quiet_transformers() -> None:
+    """transformers' own weight-loading bars and notices would interleave with ours."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _split_hooks(hooks: list[str]) -> list[str]:
+    return [h.strip() for item in hooks for h in item.split(",") if h.strip()]
+
+
+@app.command()
+def harvest(
+    out: Path = typer.Option(..., help="Store folder to create (or to finish, after an interruption)"),
+    tokens: int = typer.Option(..., help="Activation rows (tokens) to harvest; fewer if the corpus ends first"),
+    model: Optional[str] = typer.Option(
+        None, help="Hub name or local model folder (default: the embedded all-MiniLM-L6-v2)"
+    ),
+    hook: list[str] = typer.Option(
+        [DEFAULT_HOOK], help="Module to read, by dotted name; repeat (or comma-separate) for several"
+    ),
+    corpus: str = typer.Option("wordnet", help="'wordnet', or a .txt/.jsonl/.parquet file, folder or saved dataset"),
+    dtype: str = typer.Option("float32", help="Stored dtype: float32, float16 or bfloat16"),
+    batch_tokens: int = typer.Option(DEFAULT_BATCH_TOKENS, "--batch-tokens", help="Padded tokens per forward pass"),
+    shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows per shard file"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate documents to this many tokens"),
+    keep_special: bool = typer.Option(False, "--keep-special", help="Keep CLS/SEP/BOS/... tokens (dropped by default)"),
+    sort_window: int = typer.Option(
+        DEFAULT_SORT_WINDOW, "--sort-window", help="Documents sorted by length together (less padding)"
+    ),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+) -> None:
+    """Harvest a model's activations on a corpus into a sharded store (resumes an interrupted one)."""
+    from hsae.sources.hf import Harvester, load_model
+    from hsae.sources.text import open_corpus
+    from hsae.store import check_store_folder, harvest_to_store, parse_dtype
+
+    parse_dtype(dtype)
+    check_store_folder(out)  # refuse a folder holding something else before loading anything
+    _quiet_transformers()
+    console = Console(stderr=True)
+    loaded = load_model(model, device=device)
+    documents = open_corpus(corpus)
+    harvester = Harvester(
+        loaded,
+        _split_hooks(hook),
+        batch_tokens=batch_tokens,
+        max_length=max_length,
+        keep_special=keep_special,
+        sort_window=sort_window,
+    )
+    columns = (
+        TextColumn("harvest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("harvest", total=tokens)
+        store = harvest_to_store(
+            out,
+            harvester,
+            documents,
+            tokens=tokens,
+            dtype=dtype,
+            shard_rows=shard_rows,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+        bar.update(task, completed=store.total_rows)
+    note = "" if store.total_rows == tokens else f" (the corpus ended before {tokens})"
+    console.print(
+        f"{store.total_rows} rows{note} of {', '.join(store.hooks)} (width {store.d_in}, {dtype}) "
+        f"in {len(store.shards)} shards: {out}"
+    )
+
+
+@app.command()
+def hooks(
+    model: Optional[str] = typer.Argument(None, help="Hub name or local model folder (default: embedded MiniLM)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda"),
+) -> None:
+    """List a model's hookable modules (one activation per token) with their output widths."""
+    from hsae.sources.hf import hook_sites, load_model
+
+    _quiet_transformers()
+    loaded = load_model(model, device=device)
+    sites = hook_sites(loaded)
+    table = Table(title=f"hook sites of {loaded.name}", title_justify="left")
+    for column in ("module", "type", "width", "TransformerLens"):
+        table.add_column(column, no_wrap=True)
+    for site in sites:
+        table.add_row(site.name, site.module_type, str(site.width), site.transformer_lens or "")
+    # Full module names matter more than fitting an 80-column pipe: widen the console to fit them.
+    needed = 13 + max(len(s.name) for s in sites) + max(len(s.module_type) for s in sites) + 5 + 26
+    console = Console()
+    Console(width=max(console.width, needed)).print(table)
