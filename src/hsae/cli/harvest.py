@@ -11,15 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hsae.cli import app
+from hsae.cli._common import quiet_transformers
 from hsae.sources.hf import DEFAULT_BATCH_TOKENS, DEFAULT_HOOK, DEFAULT_SORT_WINDOW
-
-
-def _quiet_transformers() -> None:
-    """transformers' own weight-loading bars and notices would interleave with ours."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 def _split_hooks(hooks: list[str]) -> list[str]:
@@ -54,7 +47,7 @@ def harvest(
 
     parse_dtype(dtype)
     check_store_folder(out)  # refuse a folder holding something else before loading anything
-    _quiet_transformers()
+    quiet_transformers()
     console = Console(stderr=True)
     loaded = load_model(model, device=device)
     documents = open_corpus(corpus)
@@ -101,7 +94,7 @@ def hooks(
     """List a model's hookable modules (one activation per token) with their output widths."""
     from hsae.sources.hf import hook_sites, load_model
 
-    _quiet_transformers()
+    quiet_transformers()
     loaded = load_model(model, device=device)
     sites = hook_sites(loaded)
     table = Table(title=f"hook sites of {loaded.name}", title_justify="left")

@@ -32,7 +32,13 @@ def _split_options(family, overrides: dict[str, str]) -> tuple[dict[str, str], d
 @app.command()
 def train(
     arch: str = typer.Option(..., help="SAE family: relu, topk, batchtopk, jumprelu, ... (hsae families)"),
-    data: str = typer.Option(..., help="'synthetic', a .npy / .safetensors activation file, or an hsae store"),
+    data: Optional[str] = typer.Option(
+        None, help="'synthetic', a .npy / .safetensors activation file, or an hsae store (from `hsae harvest`); "
+        "leave out to harvest on the fly from --model/--hook/--corpus"
+    ),
+    model: Optional[str] = typer.Option(None, help="On-the-fly source: hub name or model folder (default MiniLM)"),
+    hook: Optional[str] = typer.Option(None, help="On-the-fly source: module to read (default encoder.layer.3)"),
+    corpus: Optional[str] = typer.Option(None, help="On-the-fly source: 'wordnet' or a text/JSONL/dataset path"),
     n_latents: int = typer.Option(..., "--n-latents", help="Dictionary size"),
     out: Path = typer.Option(..., help="Output folder (config.json, weights.safetensors, checkpoint, metrics)"),
     k: Optional[int] = typer.Option(None, help="Active latents per token (TopK-style); L0 target for relu/jumprelu"),
@@ -71,7 +77,18 @@ def train(
     )
     if not resume and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 owns the folder
         _check_out_dir(out, resume=False)
-    source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic))
+    if data is not None and (model or hook or corpus):
+        raise HsaeError("give either --data, or --model/--hook/--corpus to harvest on the fly, not both")
+    if data is None and corpus is None:
+        raise HsaeError("give --data (synthetic, a file or a store) or --corpus (with --model/--hook) to train on")
+    if data is None:
+        from hsae.cli._common import quiet_transformers
+        from hsae.sources import open_model_source
+
+        quiet_transformers()
+        source = open_model_source(model, hook, corpus, seed=seed)
+    else:
+        source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic))
     sae_values: dict[str, object] = {"arch": arch, "d_in": source.d_in, "n_latents": n_latents, **sae_opts}
     if k is not None:
         sae_values["k"] = k

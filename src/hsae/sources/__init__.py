@@ -8,6 +8,16 @@ from hsae.errors import HsaeError
 from hsae.sources.base import ActivationSource
 
 
+def open_model_source(model: str | None, hook: str | None, corpus: str, *, seed: int = 0,
+                      device: str | None = None) -> ActivationSource:
+    """Activations harvested on the fly from `model` at `hook` on `corpus` (no cache on disk)."""
+    from hsae.sources.hf import DEFAULT_HOOK, ModelActivationSource, load_model
+    from hsae.sources.text import open_corpus
+
+    documents = open_corpus(corpus)
+    return ModelActivationSource(load_model(model, device=device), hook or DEFAULT_HOOK, documents, seed=seed)
+
+
 def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = None) -> ActivationSource:
     """`synthetic`, an activation file (.npy / .safetensors), or an hsae store folder."""
     if data == "synthetic":
@@ -31,4 +41,4 @@ def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = 
     return ArrayActivations.from_file(path, seed=seed)
 
 
-__all__ = ["ActivationSource", "open_source"]
+__all__ = ["ActivationSource", "open_source", "open_model_source"]

@@ -1,0 +1,12 @@
+"""Helpers shared by CLI commands (not a command module: the leading underscore keeps it out of
+command discovery)."""
+
+from __future__ import annotations
+
+
+def quiet_transformers() -> None:
+    """transformers' own weight-loading bars and notices would interleave with hsae's progress bars."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
