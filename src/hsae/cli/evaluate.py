@@ -12,6 +12,11 @@ from rich.table import Table
 from hsae.cli import app
 from hsae.eval.report import format_value, scalar_items
 
+OPTION_HELP = (
+    "KEY=VALUE for an evaluator (repeatable): corpus, sentences, base_model, hook, absorption_min_probe_f1, "
+    "absorption_words, wordnet_nouns, wordnet_top, wordnet_threshold, seed, ... (see hsae.eval modules)"
+)
+
 
 def _open_for(model_dir: Path, data: Optional[str], synthetic: list[str]):
     from hsae.config import parse_overrides
@@ -39,14 +44,17 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, help="Report folder (default MODEL_DIR/eval)"),
     metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
+    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
     """Evaluate a model: prints a table, writes report.json and a self-contained report.html."""
     import hsae
+    from hsae.config import parse_overrides
     from hsae.eval.run import evaluate
 
     model = hsae.load(model_dir)
     source = _open_for(model_dir, data, synthetic)
-    report = evaluate(model, source, model_dir=model_dir, tokens=tokens, only=metric or None)
+    report = evaluate(model, source, model_dir=model_dir, tokens=tokens, only=metric or None,
+                      options=parse_overrides(option))
     console = Console()
     for section in report.sections:
         table = Table(title=section.name, show_header=False, title_justify="left")
@@ -66,9 +74,11 @@ def compare(
     tokens: int = typer.Option(65536, help="Tokens to evaluate"),
     out: Path = typer.Option(Path("compare"), help="Report folder"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
+    option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
     """Several models side by side, with an FVU-against-L0 frontier plot."""
     import hsae
+    from hsae.config import parse_overrides
     from hsae.eval import plots
     from hsae.eval.report import Report
     from hsae.eval.run import evaluate
@@ -77,7 +87,7 @@ def compare(
     for model_dir in model_dirs:
         model = hsae.load(model_dir)
         reports.append((model_dir, evaluate(model, _open_for(model_dir, data, synthetic), model_dir=model_dir,
-                                            tokens=tokens)))
+                                            tokens=tokens, options=parse_overrides(option))))
     names = [str(d) for d, _ in reports]
     combined = Report(title="hsae comparison", info={"models": ", ".join(names), "tokens": tokens})
     rows: dict[str, dict[str, object]] = {}

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _svg(fig) -> str:
+def to_svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
@@ -29,7 +29,7 @@ def density_histogram(density: Sequence[float], title: str = "Feature density") 
     ax.set_xlabel("log10 firing frequency (dead latents not shown: %d)" % int((d == 0).sum()))
     ax.set_ylabel("latents")
     ax.set_title(title)
-    return _svg(fig)
+    return to_svg(fig)
 
 
 def l0_histogram(counts: Sequence[int], title: str = "Active latents per token (L0)") -> str:
@@ -39,7 +39,7 @@ def l0_histogram(counts: Sequence[int], title: str = "Active latents per token (
     ax.set_xlabel("L0")
     ax.set_ylabel("tokens")
     ax.set_title(title)
-    return _svg(fig)
+    return to_svg(fig)
 
 
 def forest_shape(depth_counts: Sequence[int], branching: Sequence[int], title: str = "Forest shape") -> str:
@@ -54,7 +54,7 @@ def forest_shape(depth_counts: Sequence[int], branching: Sequence[int], title: s
     b.set_xlabel("children per parent")
     b.set_ylabel("parents")
     fig.suptitle(title)
-    return _svg(fig)
+    return to_svg(fig)
 
 
 def frontier(points: Sequence[tuple[str, float, float]], title: str = "FVU against L0") -> str:
@@ -74,4 +74,4 @@ def frontier(points: Sequence[tuple[str, float, float]], title: str = "FVU again
     ax.set_xlabel("L0")
     ax.set_ylabel("FVU")
     ax.set_title(title)
-    return _svg(fig)
+    return to_svg(fig)
