@@ -31,7 +31,7 @@ def _split_options(family, overrides: dict[str, str]) -> tuple[dict[str, str], d
 
 @app.command()
 def train(
-    arch: str = typer.Option(..., help="SAE family: relu, topk, batchtopk, jumprelu, ... (hsae families)"),
+    arch: str = typer.Option(..., help="SAE family: relu, topk, batchtopk, jumprelu, matryoshka, mp, h-sae, forest, tree"),
     data: Optional[str] = typer.Option(
         None, help="'synthetic', a .npy / .safetensors activation file, or an hsae store (from `hsae harvest`); "
         "leave out to harvest on the fly from --model/--hook/--corpus"

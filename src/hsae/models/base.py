@@ -68,6 +68,9 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = True
     # Whether encode() honours a `k` argument at inference (nested-over-k families and TopK).
     supports_k: ClassVar[bool] = False
+    # Whether the family learns its forest (hierarchy() reports it); otherwise one is extracted post
+    # hoc (hsae.interpret.forest) and stored in the `parents` buffer.
+    builtin_hierarchy: ClassVar[bool] = False
 
     def __init__(self, config: SAEConfig):
         super().__init__()

@@ -1,0 +1,1 @@
+"""Interpretation tools: post-hoc feature forests (forest.py), and later top examples, labels, steering."""

@@ -1,0 +1,128 @@
+"""Matryoshka SAE (Bussmann, Nabeshima, Karvonen & Nanda 2025, arXiv 2503.17547; Nabeshima's
+random-prefix variant).
+
+A BatchTopK SAE whose latents are split into nested groups: prefix i is latents [0, m_i). The loss
+sums the reconstruction error of every prefix,
+
+    L = sum_i || x - (b_dec + f[:, :m_i] @ W_dec[:m_i]) ||^2 + aux_coef * AuxK,
+
+with the top-k taken once over the full dictionary (each prefix uses the active latents that fall
+inside it; no separate top-k per prefix), as in the authors' code. Loss terms: "mse" is the full
+dictionary's error (the last prefix), "prefix_mse" the sum over the strict prefixes; their sum is L.
+Early latents therefore have to reconstruct on their own and learn general (parent) features.
+
+Groups (choices, where the papers leave room):
+- Fixed (default, as in the paper's Gemma runs, "slightly better"): `group_fractions`, the size of
+  each group as a fraction of n_latents, default the repository's [1/16, 1/16, 1/8, 1/4, 1/2]; the
+  last group takes the rounding remainder.
+- Sampled (`sampled_groups=true`, Nabeshima): each step draws `n_sampled_prefixes - 1` distinct cut
+  points from a truncated Pareto law over {min_prefix, ..., m-1} (CDF 1 - (l/(m-min_prefix+1))^0.5,
+  short prefixes favoured), plus m. The draws use torch's global RNG, which the trainer checkpoints,
+  so resumed runs stay exact. Nabeshima's latent-permutation trick (re-sorting latents by usage) is
+  not implemented; his ReLU + cumulative L1 activation is not used (this family is BatchTopK).
+- Inference: BatchTopK's learned global threshold (or `encode(x, k=...)` for per-token TopK).
+
+There is no built-in tree: `hierarchy()` returns the forest found post hoc (hsae.interpret.forest;
+`hsae tree DIR --data ... --save`), all -1 until then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hsae.errors import HsaeError
+from hsae.models import register
+from hsae.models.base import StepContext
+from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
+from hsae.models.codes import SparseCodes, to_dense
+from hsae.models.kernels import sparse_decode
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    group_fractions: list[float] = field(default_factory=lambda: [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2])
+    sampled_groups: bool = False
+    n_sampled_prefixes: int = 5
+    min_prefix: int = 1
+    pareto_power: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.group_fractions or any(f <= 0 for f in self.group_fractions):
+            raise HsaeError("group_fractions must be a non-empty list of positive numbers, e.g. 0.25,0.75")
+        if len(self.fixed_bounds()) != len(self.group_fractions) + 1:
+            raise HsaeError(
+                f"group_fractions {self.group_fractions} give an empty group with n_latents {self.n_latents}; "
+                "use fewer or larger groups"
+            )
+        if self.sampled_groups and not (1 <= self.n_sampled_prefixes <= self.n_latents):
+            raise HsaeError("n_sampled_prefixes must be between 1 and n_latents")
+        if not 1 <= self.min_prefix < max(2, self.n_latents):
+            raise HsaeError("min_prefix must be between 1 and n_latents-1")
+
+    def fixed_bounds(self) -> list[int]:
+        total = sum(self.group_fractions)
+        cuts, acc = [0], 0.0
+        for f in self.group_fractions[:-1]:
+            acc += f / total
+            cut = int(round(acc * self.n_latents))
+            if cut > cuts[-1] and cut < self.n_latents:
+                cuts.append(cut)
+        return cuts + [self.n_latents]
+
+
+@register("matryoshka")
+class MatryoshkaSAE(BatchTopKSAE):
+    config_class = MatryoshkaConfig
+
+    def group_bounds(self) -> list[int]:
+        """[0, m_1, ..., m] for this step (sampled groups draw new cuts while training)."""
+        cfg = self.config
+        if not (cfg.sampled_groups and self.training):
+            return cfg.fixed_bounds()
+        m, lo = cfg.n_latents, cfg.min_prefix
+        n_cuts = min(cfg.n_sampled_prefixes - 1, m - lo)
+        if n_cuts <= 0:
+            return [0, m]
+        lengths = torch.arange(lo, m, dtype=torch.float64)
+        span = m - lo + 1
+        cdf_hi = 1 - ((lengths - lo + 1) / span) ** cfg.pareto_power
+        cdf_lo = 1 - ((lengths - lo) / span) ** cfg.pareto_power
+        pmf = (cdf_lo - cdf_hi).clamp_min(0)
+        cuts = lengths[torch.multinomial(pmf, n_cuts, replacement=False)].long().sort().values.tolist()
+        return [0, *cuts, m]
+
+    def forward(self, x: Tensor, ctx: StepContext | None = None):
+        from hsae.models.base import SAEOutput
+
+        xn = self.scale_in(x)
+        pre = self.pre_activations(xn)
+        codes = self.activate(pre)
+        bounds = self.group_bounds()
+        if isinstance(codes, SparseCodes):
+            idx, val, off = codes.indices, codes.values, codes.offsets
+        else:  # dense threshold codes (eval mode)
+            sc = SparseCodes.from_dense(to_dense(codes))
+            idx, val, off = sc.indices, sc.values, sc.offsets
+        xn_hat = self.b_dec.expand_as(xn)
+        prefix_losses = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            in_group = (idx >= lo) & (idx < hi)
+            xn_hat = xn_hat + sparse_decode(idx, val * in_group, self.W_dec, off)
+            prefix_losses.append((xn_hat - xn).pow(2).sum(-1).mean())
+        losses = {"mse": prefix_losses[-1]}
+        if len(prefix_losses) > 1:
+            losses["prefix_mse"] = torch.stack(prefix_losses[:-1]).sum()
+        losses.update(self.extra_losses(xn, pre, codes, xn_hat, ctx))
+        return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
+
+    def latent_groups(self) -> Tensor:
+        """Group index of each latent under the fixed groups."""
+        b = self.config.fixed_bounds()
+        return torch.bucketize(torch.arange(self.n_latents), torch.tensor(b[1:-1]), right=True)
+
+
+__all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]

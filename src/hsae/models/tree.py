@@ -1,0 +1,233 @@
+"""Tree SAE (Cao, Nhat, Alharbi, Nguyen & Thai 2026, arXiv 2605.07922).
+
+One TopK SAE whose dictionary is split into contiguous "privilege layers" of sizes s_1..s_L
+(`layer_fractions`, default [0.25, 0.75], the paper's 2-layer GPT-2 split 6144/18432). Every latent
+of layer l >= 2 has a parent in an earlier layer or the virtual, always-active root (-1); layer-1
+latents always have the root. Stored in the `parents` buffer; `hierarchy()` reports it.
+
+Activation condition (Eq. 6): the TopK is taken over the whole dictionary, then gated layer by layer,
+f*_i = f_i * 1[f*_parent(i) > 0] (root: always on), so a child never fires without its parent
+(coverage 1 by construction) and the realised L0 is <= k. Gated entries stay in the (n, k) codes with
+value 0.
+
+Reconstruction condition through the loss (Eq. 7-9): L = sum_l || b + sum_{t<=l} xhat_t - x ||^2
+("mse" = the full reconstruction, "layer_mse" = the strict prefixes) + sum_l alpha_l AuxK_l, where
+AuxK_l reconstructs the residual of layers <= l from the k_aux largest pre-activations of layer l's
+dead latents; alpha_1 = `aux_coef` (1/32), alpha_{l>=2} = `aux_coef_children` (paper: 0).
+
+Dynamic reallocation (Algorithms 1-2), simplified where the paper is unclear:
+- Capacity: every training step the batch loss is split equally among the candidate parents that
+  fired in the batch (the root always counts); accumulated in the `capacity` buffer, reset after
+  each reallocation.
+- At a reallocation, for each layer l >= 2 the target child counts over its candidate parents (live
+  latents of earlier layers plus the root) maximise min_p C_p / k_p (greedy max-heap on C_p/(k_p+1),
+  popped s_l times); only *dead* children (the trainer's dead window) move, from parents over quota
+  to parents under it, first-fit.
+- Schedule, scaled from the paper's 97,657-step run: first event after `realloc_first` (3%) of the
+  steps, the interval doubling each time, capped at `realloc_max` (10%); at `realloc_stop` (51%) all
+  dead latents are reset to the root and no reallocation follows.
+- Initial allocation (unspecified in the paper): uniformly random over the earlier layers' latents
+  and the root, from the init seed.
+Not implemented: per-token input standardisation and Var(x)-normalised MSEs of the official code
+(hsae's trainer normalises inputs to mean norm sqrt(d) instead).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hsae.errors import HsaeError
+from hsae.models import register
+from hsae.models.base import SAEOutput, StepContext
+from hsae.models.codes import SparseCodes
+from hsae.models.kernels import sparse_decode
+from hsae.models.topk import TopKConfig, TopKSAE
+
+
+@dataclass
+class TreeConfig(TopKConfig):
+    layer_fractions: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    aux_coef_children: float = 0.0
+    realloc: bool = True
+    realloc_first: float = 0.03
+    realloc_max: float = 0.10
+    realloc_stop: float = 0.51
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.layer_fractions or any(f <= 0 for f in self.layer_fractions):
+            raise HsaeError("layer_fractions must be positive numbers, e.g. 0.25,0.75")
+        b = self.layer_bounds()
+        if len(b) != len(self.layer_fractions) + 1:
+            raise HsaeError(f"layer_fractions {self.layer_fractions} leave a layer empty at n_latents {self.n_latents}")
+
+    def layer_bounds(self) -> list[int]:
+        total = sum(self.layer_fractions)
+        cuts, acc = [0], 0.0
+        for f in self.layer_fractions[:-1]:
+            acc += f / total
+            cut = int(round(acc * self.n_latents))
+            if cuts[-1] < cut < self.n_latents:
+                cuts.append(cut)
+        return cuts + [self.n_latents]
+
+
+def gate_codes(idx: Tensor, val: Tensor, parents: Tensor, layer: Tensor, n_layers: int) -> Tensor:
+    """Zero the entries whose parent is not (itself, after gating) active in the same row."""
+    par = parents[idx]  # (n, k)
+    lay = layer[idx]
+    on = val != 0
+    keep = on & (par < 0)
+    for lv in range(1, n_layers):
+        # parent active: some kept entry of this row is the parent
+        parent_on = ((idx[:, None, :] == par[:, :, None]) & keep[:, None, :]).any(-1)
+        keep = keep | (on & (lay == lv) & parent_on)
+    return val * keep
+
+
+@register("tree")
+class TreeSAE(TopKSAE):
+    config_class = TreeConfig
+    supports_k = True
+    builtin_hierarchy = True
+
+    def __init__(self, config: TreeConfig):
+        super().__init__(config)
+        bounds = config.layer_bounds()
+        layer = torch.zeros(config.n_latents, dtype=torch.long)
+        for lv, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            layer[lo:hi] = lv
+        self.register_buffer("layer", layer)
+        # capacity[-1] is the root's
+        self.register_buffer("capacity", torch.zeros(config.n_latents + 1))
+        self.register_buffer("next_realloc", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("realloc_interval", torch.tensor(-1, dtype=torch.long))
+        with torch.no_grad():
+            for lv in range(1, len(bounds) - 1):
+                lo, hi = bounds[lv], bounds[lv + 1]
+                choice = torch.randint(-1, lo, (hi - lo,))
+                self.parents[lo:hi] = choice
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.config.layer_bounds()) - 1
+
+    def set_hierarchy(self, parents: Tensor) -> None:
+        raise HsaeError("the tree family has a built-in tree; its parents are learned, not set")
+
+    def activate(self, pre: Tensor, k: int | None = None) -> SparseCodes:
+        codes = super().activate(pre, k)
+        val = gate_codes(codes.indices, codes.values, self.parents, self.layer, self.n_layers)
+        return SparseCodes(codes.indices, val, self.n_latents)
+
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
+        cfg = self.config
+        xn = self.scale_in(x)
+        pre = self.pre_activations(xn)
+        codes = self.activate(pre)
+        idx, val = codes.indices, codes.values
+        lay = self.layer[idx]
+        xn_hat = self.b_dec.expand_as(xn)
+        layer_losses, partial = [], []
+        for lv in range(self.n_layers):
+            xn_hat = xn_hat + sparse_decode(idx, val * (lay == lv), self.W_dec)
+            partial.append(xn_hat)
+            layer_losses.append((xn_hat - xn).pow(2).sum(-1).mean())
+        losses = {"mse": layer_losses[-1]}
+        if len(layer_losses) > 1:
+            losses["layer_mse"] = torch.stack(layer_losses[:-1]).sum()
+        if ctx is not None and ctx.dead_mask is not None:
+            aux = pre.new_zeros(())
+            for lv in range(self.n_layers):
+                coef = cfg.aux_coef if lv == 0 else cfg.aux_coef_children
+                dead = ctx.dead_mask & (self.layer == lv)
+                n_dead = int(dead.sum())
+                if coef == 0 or n_dead == 0:
+                    continue
+                residual = (xn - partial[lv]).detach()
+                masked = pre.masked_fill(~dead, float("-inf"))
+                v, i = masked.topk(min(self.aux_k(), n_dead), dim=-1, sorted=False)
+                v = torch.where(torch.isfinite(v), v.relu(), torch.zeros_like(v))
+                aux = aux + coef * torch.nan_to_num((sparse_decode(i, v, self.W_dec) - residual).pow(2).sum(-1).mean())
+            if aux.requires_grad:
+                losses["auxk"] = aux
+        return SAEOutput(x_hat=xn_hat / cfg.input_scale, codes=codes, losses=losses)
+
+    # ----- dynamic reallocation ------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput, ctx: StepContext) -> None:
+        cfg = self.config
+        if not cfg.realloc or self.n_layers < 2:
+            return
+        fired = torch.zeros(self.n_latents + 1, dtype=torch.bool, device=self.capacity.device)
+        codes = out.codes
+        fired[codes.indices[codes.values != 0]] = True
+        fired[-1] = True
+        candidates = fired.clone()
+        candidates[:-1] &= self.layer < self.n_layers - 1  # only latents that can have children
+        candidates[-1] = True
+        self.capacity[candidates] += float(out.loss.detach()) / int(candidates.sum())
+        total = ctx.total_steps
+        if int(self.next_realloc) < 0:
+            self.realloc_interval.fill_(max(1, round(cfg.realloc_first * total)))
+            self.next_realloc.fill_(int(self.realloc_interval))
+        done = ctx.step + 1
+        stop = round(cfg.realloc_stop * total)
+        if done == stop and ctx.dead_mask is not None:
+            self.parents[ctx.dead_mask & (self.layer > 0)] = -1
+            return
+        if done != int(self.next_realloc) or done > stop:
+            return
+        if ctx.dead_mask is not None:
+            self.reallocate(ctx.dead_mask)
+        self.capacity.zero_()
+        nxt = min(int(self.realloc_interval) * 2, max(1, round(cfg.realloc_max * total)))
+        self.realloc_interval.fill_(nxt)
+        self.next_realloc.fill_(done + nxt)
+
+    @torch.no_grad()
+    def reallocate(self, dead: Tensor) -> None:
+        bounds = self.config.layer_bounds()
+        cap = self.capacity.cpu()
+        dead = dead.cpu()
+        parents = self.parents.cpu().clone()
+        for lv in range(1, self.n_layers):
+            lo, hi = bounds[lv], bounds[lv + 1]
+            cands = [p for p in range(lo) if not dead[p]] + [-1]
+            c_of = {p: float(cap[p]) for p in cands}
+            # greedy: maximise min_p C_p / k_p
+            target = {p: 0 for p in cands}
+            heap = [(-c_of[p], p) for p in cands]
+            heapq.heapify(heap)
+            for _ in range(hi - lo):
+                _, p = heapq.heappop(heap)
+                target[p] += 1
+                heapq.heappush(heap, (-c_of[p] / (target[p] + 1), p))
+            kids = parents[lo:hi]
+            count = {p: 0 for p in cands}
+            for p in kids.tolist():
+                if p in count:
+                    count[p] += 1
+            free = []
+            for j in range(lo, hi):
+                p = int(parents[j])
+                if not dead[j]:
+                    continue
+                if p not in count:  # parent no longer a live candidate
+                    free.append(j)
+                elif count[p] > target[p]:
+                    count[p] -= 1
+                    free.append(j)
+            under = [p for p in cands if count[p] < target[p]]
+            for p in under:
+                while count[p] < target[p] and free:
+                    parents[free.pop()] = p
+                    count[p] += 1
+        self.parents.copy_(parents.to(self.parents.device))
+
+
+__all__ = ["TreeConfig", "TreeSAE", "gate_codes"]
