@@ -10,7 +10,9 @@ decoder renormalisation, dead-latent bookkeeping (AuxK switches on once latents 
 `--dead-window` tokens, for every family alike). The matmul limit is the machine's measured float32
 rate for (batch x d_in) @ (d_in x n_latents): the tokens/s training would reach if a step cost exactly
 that one matmul. Peak memory is measured with the PyTorch profiler's memory timeline over one step
-and compared with what parameters, Adam state and one batch need. FVU is measured on a held-out
+(the tensors the step touches, pre-existing ones included, at the step's worst moment) and compared
+with what parameters, Adam state and one batch need. Every loop zeroes gradients (set to None)
+before its forward, so last step's gradients are not held through it. FVU is measured on a held-out
 batch after the same number of steps on the same data, to show speed is not bought with a worse
 model. eai-sparsify is measured when `import sparsify` works (it is not a dependency of hsae).
 """
@@ -107,8 +109,8 @@ def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_d
 
     def step(x: torch.Tensor, i: int) -> None:
         ctx = StepContext(step=i, total_steps=args.total_steps, dead_mask=dead.mask())
+        opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are not kept through it
         out = model(x, ctx)
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()
         model.remove_parallel_decoder_grad()
         opt.step()
@@ -135,8 +137,8 @@ def dense_runner(scale: float, b_dec: torch.Tensor, args) -> Runner:
     dead = DeadTracker(N_LATENTS, args.dead_window)
 
     def step(x: torch.Tensor, i: int) -> None:
-        _, z, loss = model(x * scale, dead.mask())
         opt.zero_grad(set_to_none=True)
+        _, z, loss = model(x * scale, dead.mask())
         loss.backward()
         with torch.no_grad():
             w, g = model.W_dec, model.W_dec.grad
@@ -170,9 +172,9 @@ def sparsify_runner(scale: float, b_dec: torch.Tensor, args) -> Runner | None:
     dead = DeadTracker(N_LATENTS, args.dead_window)
 
     def step(x: torch.Tensor, i: int) -> None:
+        opt.zero_grad(set_to_none=True)
         out = sae(x * scale, dead_mask=dead.mask())
         loss = out.fvu + out.auxk_loss / 32  # sparsify's trainer: fvu + auxk_alpha * auxk_loss
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
@@ -201,8 +203,9 @@ def matmul_seconds(dtype: torch.dtype, reps: int = 10) -> float:
 
 
 def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
-    """Peak of tensor memory allocated during one step (profiler memory timeline), above what was
-    alive before it."""
+    """Peak tensor memory during one step (profiler memory timeline): the tensors the step uses that
+    existed before it (parameters, Adam state, the batch, last step's gradients until they are freed;
+    the timeline's "pre-existing" entries) plus everything it allocates, at the worst moment."""
     try:
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import MemoryProfileTimeline
@@ -290,10 +293,8 @@ def main() -> None:
         budget = 3 * param_bytes + BATCH * D_IN * 4  # params + Adam's two moments + one batch
         peak = None
         if not args.no_memory:
-            extra = peak_step_bytes(runner, pool[i % n_pool], i)
+            peak = peak_step_bytes(runner, pool[i % n_pool], i)
             i += 1
-            # Alive before the step: params, Adam state, the batch (grads were freed by zero_grad).
-            peak = None if extra is None else budget + extra
         # Median of the timed steps (robust to other load on the machine) and the best one.
         times.sort()
         med = times[len(times) // 2]

@@ -50,3 +50,27 @@ def test_eval_on_other_width_is_refused(tmp_path, capsys):
     _train(tmp_path / "m")
     rc = main(["eval", str(tmp_path / "m"), "--data", "synthetic", "--synthetic", "d_in=30", "--tokens", "256"])
     assert rc == 2 and "width 24" in capsys.readouterr().err
+
+
+def test_hierarchy_section_extracts_forest_and_scores_against_truth(tmp_path):
+    _train(tmp_path / "m")
+    assert main(["eval", str(tmp_path / "m"), "--tokens", "4096", "-m", "core", "-m", "hierarchy"]) == 0
+    section = json.loads((tmp_path / "m" / "eval" / "report.json").read_text())["sections"]["hierarchy"]
+    assert section["forest"] == "extracted post hoc"
+    assert section["edges"] + section["orphans"] + section["roots"] <= 64
+    for key in ("true_absorption", "true_edge_f1", "parent_coverage", "parent_explained"):
+        assert key in section
+    assert "forest&#x27;s shape" in (tmp_path / "m" / "eval" / "report.html").read_text() or \
+        "forest's shape" in (tmp_path / "m" / "eval" / "report.html").read_text()
+
+
+def test_parent_explained_fraction_by_hand():
+    import torch
+
+    from hsae.eval.hierarchy_evaluators import parent_explained_fraction
+
+    W = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    parents = torch.tensor([-1, 0, -1])
+    # child 1 fires in rows 0,1,2; its parent 0 in rows 0,1: coverage 2/3, cos^2 = 0.36
+    active = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]).bool()
+    assert abs(parent_explained_fraction(parents, active, W) - (2 / 3) * 0.36) < 1e-6

@@ -292,3 +292,149 @@ def test_topk_select_equals_torch_topk(n, m, k):
     ref_v, ref_i = pre.topk(k, dim=-1)
     assert torch.equal(idx.sort(-1).values, ref_i.sort(-1).values)
     _close(vals.sort(-1).values, ref_v.relu().sort(-1).values, rtol=0, atol=0)
+
+
+# ----- chunked BatchTopK, the fused sparse step ------------------------------------------------------
+def _flat_topk_positive(pre, k):
+    n, m = pre.shape
+    v, flat = pre.reshape(-1).topk(min(k * n, n * m))
+    return v[v > 0], flat[v > 0]
+
+
+def _check_batch_selection(pre, k, vals, idx, off, ties=False):
+    n, m = pre.shape
+    ref_v, ref_flat = _flat_topk_positive(pre, k)
+    rows = torch.arange(n).repeat_interleave(off.diff())
+    assert off[0] == 0 and off[-1] == idx.numel() == ref_v.numel()
+    _close(vals, pre[rows, idx], rtol=0, atol=0)
+    for r in range(n):  # latents in order (and distinct) within each row
+        seg = idx[off[r] : off[r + 1]]
+        assert torch.all(seg[1:] > seg[:-1])
+    if ties:  # the same multiset of values (which of equal entries is taken is unspecified)
+        assert torch.equal(vals.sort().values, ref_v.sort().values)
+    else:
+        assert _as_set(rows, idx) == _as_set(ref_flat // m, ref_flat % m)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 1000])
+@pytest.mark.parametrize("shape,k", [((64, 96), 4), ((50, 37), 3), ((8, 16), 16), ((100, 64), 1), ((33, 48), 40)])
+def test_batch_topk_select_in_chunks_equals_flat_topk(shape, k, chunk):
+    torch.manual_seed(12)
+    pre = torch.randn(*shape)
+    _check_batch_selection(pre, k, *batch_topk_select(pre, k, chunk_rows=chunk))
+
+
+@pytest.mark.parametrize("chunk", [3, 16, 200])
+def test_batch_topk_collector_hints_and_edge_cases(chunk):
+    from hsae.models.kernels import BatchTopKCollector
+
+    torch.manual_seed(13)
+    n, m, k = 60, 80, 5
+
+    def run(pre, hint):
+        col = BatchTopKCollector(n, m, k, hint=hint)
+        for s in range(0, n, chunk):
+            col.add(pre[s : s + chunk], s)
+        return col.finish()
+
+    pre = torch.randn(n, m)
+    kth = float(pre.reshape(-1).topk(k * n).values[-1])
+    for hint in (None, -1.0, 0.0, 0.5 * kth, 0.999 * kth, kth):  # at or below the (k n)-th largest: exact
+        _check_batch_selection(pre, k, *run(pre, hint))
+    assert run(pre, kth * 1.01 + 1e-6) is None  # above it: the caller must recompute
+    # Fewer than k n positive entries: all the positive ones; a positive hint cannot be trusted then.
+    sparse_pre = torch.randn(n, m) - 3.0
+    assert 0 < int((sparse_pre > 0).sum()) < k * n
+    _check_batch_selection(sparse_pre, k, *run(sparse_pre, None))
+    _check_batch_selection(sparse_pre, k, *run(sparse_pre, -0.5))
+    assert run(sparse_pre, 0.01) is None
+    # No positive entry at all: empty codes.
+    vals, idx, off = run(-torch.rand(n, m), None)
+    assert vals.numel() == 0 and torch.equal(off, torch.zeros(n + 1, dtype=torch.long))
+    # Ties at the threshold (integer values): exactly k n entries, the same multiset of values.
+    tied = torch.randint(-3, 4, (n, m)).float()
+    for hint in (None, 1.0):
+        _check_batch_selection(tied, k, *run(tied, hint), ties=True)
+
+
+@pytest.mark.parametrize("hint_scale", [None, 0.5, 5.0])
+def test_encode_batch_topk_chunked_equals_dense_selection(hint_scale):
+    from hsae.models.kernels import encode_batch_topk_chunked
+
+    torch.manual_seed(14)
+    n, d, m, k = 70, 8, 48, 3
+    x, W, be, bd = torch.randn(n, d), torch.randn(d, m), torch.randn(m), torch.randn(d)
+    scale = 1.7
+    pre = torch.addmm(be, x * scale - bd, W)
+    kth = float(pre.reshape(-1).topk(k * n).values[-1])
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[::5] = True
+    cols = dead.nonzero().squeeze(1)
+    sel = encode_batch_topk_chunked(x, W, be, k, dead_cols=cols, k_aux=4, chunk_rows=9, scale=scale, b_dec=bd,
+                                    hint=None if hint_scale is None else kth * hint_scale)
+    assert sel.recomputed == (hint_scale == 5.0)
+    _check_batch_selection(pre, k, sel.values, sel.indices, sel.offsets)
+    ref_ai = pre.masked_fill(~dead, float("-inf")).topk(4, dim=-1).indices
+    assert torch.equal(sel.aux_indices.sort(-1).values, ref_ai.sort(-1).values)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_training_step_in_small_chunks_equals_dense_reference(arch, chunk):
+    """Several row chunks (BatchTopK's candidates cross chunk boundaries), AuxK on, a second step
+    that uses the first one's hint."""
+    model = _model(arch)
+    model.train_chunk_rows = chunk
+    ref_model = copy.deepcopy(model)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[1::4] = True
+    for step in range(2):
+        torch.manual_seed(20 + step)
+        x = torch.randn(40, 16, dtype=torch.float64)
+        ctx = StepContext(step=step, total_steps=10, dead_mask=dead)
+        out = model(x, ctx)
+        ref_losses, ref_dense = _dense_reference(ref_model, x, ctx, batch=arch == "batchtopk")
+        for name in ref_losses:
+            _close(out.losses[name], ref_losses[name])
+        _close(out.codes.dense().detach(), ref_dense.detach())
+        for mdl in (model, ref_model):
+            for p in mdl.parameters():
+                p.grad = None
+        out.loss.backward()
+        sum(ref_losses.values()).backward()
+        for name in GRAD_NAMES:
+            _close(getattr(model, name).grad, getattr(ref_model, name).grad)
+    if arch == "batchtopk":
+        assert model.hint_misses == 0 or model.hint_misses <= 1
+
+
+def test_sparse_step_gradient_through_x_hat_and_single_backward():
+    """x_hat is differentiable too (a loss on it backpropagates like the dense formulation's), and a
+    second backward through the same step is refused rather than silently wrong."""
+    model = _model("topk")
+    ref = copy.deepcopy(model)
+    torch.manual_seed(15)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    w = torch.randn(30, 16, dtype=torch.float64)
+    out = model(x)
+    loss = out.loss + (out.x_hat * w).sum()
+    ref_out = SAE.forward(ref, x)
+    ref_loss = ref_out.loss + (ref_out.x_hat * w).sum()
+    loss.backward(retain_graph=True)
+    ref_loss.backward()
+    for name in GRAD_NAMES:
+        _close(getattr(model, name).grad, getattr(ref, name).grad)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_remove_parallel_component_matches_base():
+    from hsae.models.kernels import remove_parallel_component_
+
+    torch.manual_seed(16)
+    w = torch.randn(1100, 7, dtype=DTYPE)
+    w /= w.norm(dim=1, keepdim=True)
+    g = torch.randn(1100, 7, dtype=DTYPE)
+    ref = g - (g * w).sum(-1, keepdim=True) * w
+    remove_parallel_component_(g, w)
+    _close(g, ref)

@@ -258,6 +258,8 @@ class Trainer:
                 x = next(batches).to(self.device, non_blocking=True)
                 dead = since_fired >= cfg.dead_window_tokens
                 ctx = StepContext(step=step, total_steps=cfg.steps, dead_mask=dead)
+                # Free last step's gradients before the forward, not after: a smaller peak.
+                opt.zero_grad(set_to_none=True)
                 out = wrapped(x, ctx)
                 loss = out.loss
                 if not torch.isfinite(loss):
@@ -267,7 +269,6 @@ class Trainer:
                     )
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg, base_lr)
-                opt.zero_grad(set_to_none=True)
                 loss.backward()
                 model.remove_parallel_decoder_grad()
                 if cfg.grad_clip_norm:

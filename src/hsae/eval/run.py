@@ -20,9 +20,8 @@ from hsae.errors import HsaeError
 from hsae.eval.report import Report
 
 # Modules whose import registers evaluators (kept explicit: the order is the report's order).
-EVALUATOR_MODULES = ["hsae.eval.core_evaluators"]
-OPTIONAL_EVALUATOR_MODULES = ["hsae.eval.hierarchy", "hsae.eval.downstream", "hsae.eval.absorption",
-                              "hsae.eval.wordnet"]
+EVALUATOR_MODULES = ["hsae.eval.core_evaluators", "hsae.eval.hierarchy_evaluators", "hsae.eval.downstream",
+                     "hsae.eval.absorption", "hsae.eval.wordnet"]
 
 
 class Skip(Exception):
@@ -72,12 +71,6 @@ def evaluator(name: str, figures: Callable[[EvalContext, dict[str, Any]], list[t
 def evaluators() -> dict[str, Evaluator]:
     for module in EVALUATOR_MODULES:
         importlib.import_module(module)
-    for module in OPTIONAL_EVALUATOR_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
     return dict(_EVALUATORS)
 
 
@@ -99,8 +92,15 @@ def evaluate(model, source, *, model_dir: Path | None = None, tokens: int = 6553
             f"the model was trained on width {model.d_in} but the data has width {source.d_in}; "
             "evaluate it on activations from the same model and hook"
         )
-    x = source.sample_with_truth(tokens).x if hasattr(source, "sample_with_truth") else gather(source, tokens)
+    truth = None
+    if hasattr(source, "sample_with_truth"):  # synthetic: keep the true activations for recovery metrics
+        sample = source.sample_with_truth(tokens)
+        x, truth = sample.x, sample.true_acts
+    else:
+        x = gather(source, tokens)
     ctx = EvalContext(model=model, model_dir=model_dir, source=source, x=x, options=dict(options or {}))
+    if truth is not None:
+        ctx.cache["true_acts"] = truth
     report = Report(
         title=f"hsae evaluation: {model.arch}" + (f" ({model_dir})" if model_dir else ""),
         info={"arch": model.arch, "d_in": model.d_in, "n_latents": model.n_latents, "k": model.config.k,

@@ -6,8 +6,12 @@ global threshold replaces the batch: a latent is active where its pre-activation
 threshold is the running mean (EMA, `threshold_momentum`) of the smallest activation kept in each
 training batch. `encode(x, k=...)` gives per-token TopK codes instead, on request. AuxK as in TopK.
 
-Training takes TopK's sparse path (kernels.py); the batch selection finds the k * n largest entries
-among candidates above a block-maximum bound instead of a top-k over all n * n_latents entries.
+Training takes TopK's sparse path (kernels.py) without ever holding the batch's (n, n_latents)
+pre-activations: they are computed in row chunks and each chunk offers only its candidates (positive
+entries above a running lower bound of the (k n)-th largest value, and above a hint, 0.9 times the
+previous batch's smallest kept value) to `BatchTopKCollector`, which takes the exact top k n among
+them at the end. A hint that proves too high (fewer than k n entries pass it) is detected and the
+chunks are recomputed without it (`hint_misses` counts these); the result never depends on the hint.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from torch import Tensor
 
 from hsae.models import register
 from hsae.models.codes import Codes, SparseCodes
-from hsae.models.kernels import batch_topk_select, encoder_matmul, masked_topk_select
+from hsae.models.kernels import (
+    TopKSelection, batch_topk_select, encode_batch_topk_chunked, encoder_matmul, masked_topk_select,
+)
 from hsae.models.topk import _SPARSE_ACTIVATES, TopKConfig, TopKSAE, topk_codes
 
 
@@ -71,6 +77,26 @@ class BatchTopKSAE(TopKSAE):
             self._update_threshold(values)
             aux = None if dead_cols is None else masked_topk_select(pre, dead_cols, k_aux)
         return SparseCodes(indices, values, self.n_latents, offsets), aux
+
+    # The hint for the next batch's selection: this fraction of the smallest value kept in the last
+    # one (below it, so that it rarely proves too high; a wrong hint only costs a recomputation).
+    hint_fraction = 0.9
+
+    def _select_sparse(self, x: Tensor, dead_cols: Tensor | None, k_aux: int) -> TopKSelection:
+        """Batch-wide top-(k n) of the chunked pre-activations (`encode_batch_topk_chunked`); exact
+        whatever the hint, which is the last batch's smallest kept value times `hint_fraction`."""
+        last = getattr(self, "_last_kept_min", None)
+        sel = encode_batch_topk_chunked(
+            x, self.W_enc.detach(), self.b_enc.detach(), self.config.k, dead_cols=dead_cols, k_aux=k_aux,
+            compute_dtype=self._compute_dtype, chunk_rows=self.train_chunk_rows,
+            scale=self.config.input_scale, b_dec=self.b_dec.detach(),
+            hint=None if last is None or last <= 0 else last * self.hint_fraction,
+        )
+        self.hint_misses = getattr(self, "hint_misses", 0) + int(sel.recomputed)
+        with torch.no_grad():
+            self._update_threshold(sel.values)
+        self._last_kept_min = float(sel.values.min()) if sel.values.numel() else None
+        return sel
 
 
 _SPARSE_ACTIVATES.add(BatchTopKSAE.activate)

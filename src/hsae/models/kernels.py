@@ -13,18 +13,25 @@ Everything after that matmul touches only the selected (token, latent) entries:
   grad W_enc = (xn - b_dec)^T G with G sparse as a segment sum over latents (`embedding_bag`), grad
   b_enc = colsum G, grad b_dec = -W_enc colsum G. Nothing of size (n, n_latents) is built and no
   gradient w.r.t. the data is computed unless asked for.
-- `topk_select`, `batch_topk_select` and `masked_topk_select`: selection without autograd. BatchTopK
-  finds its threshold from block maxima (a lower bound of the k*n-th largest value) so that the exact
-  top k*n is taken among few candidates instead of a top-k over all n * n_latents entries.
-- `encode_topk_chunked`: pre-activations, TopK and AuxK selection in row chunks, so the full (n,
-  n_latents) pre-activation tensor never exists while training (peak memory) and each chunk stays in
-  cache while it is selected from.
+- `sparse_topk_step` (`_SparseTopKStep`): what the TopK-style families train through — decoder,
+  reconstruction loss and AuxK loss in one autograd function whose backward writes all four
+  parameter gradients from the active entries (codes and AuxK entries together, one grouping by
+  latent), grad W_enc block by block in its own (d_in, n_latents) layout from the raw batch, freeing
+  its (n, d_in) buffers as soon as they are used (peak memory).
+- `topk_select`, `batch_topk_select` and `masked_topk_select`: selection without autograd.
+  `BatchTopKCollector` selects the batch-wide top k*n from row chunks of pre-activations, keeping
+  only candidates above a running lower bound (and an optional hint, verified), exactly.
+- `encode_topk_chunked` / `encode_batch_topk_chunked`: pre-activations, TopK or BatchTopK and AuxK
+  selection in row chunks, so the full (n, n_latents) pre-activation tensor never exists while
+  training (peak memory) and each chunk stays in cache while it is selected from.
 
 tests/test_kernels.py checks values and gradients of all of this against the dense computation.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +59,23 @@ def encoder_matmul(xc: Tensor, W_enc: Tensor, b_enc: Tensor, compute_dtype: torc
     return torch.mm(xc.to(compute_dtype), W_enc.to(compute_dtype)).to(W_enc.dtype).add_(b_enc)
 
 
+@contextmanager
+def _serial():
+    """Run many small CPU ops on one thread: each parallel region of a multi-threaded op costs a
+    synchronisation, which on a busy machine (another job holding a core) can take milliseconds —
+    the per-chunk selection and per-block loops issue hundreds of them per step. The big ops (the
+    encoder matmul, the whole-batch segment sums) stay outside and use every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----- bookkeeping of sparse entries ---------------------------------------------------------------
 def _row_ids(indices: Tensor, offsets: Tensor | None) -> Tensor:
     """Row (token) of each flat entry."""
@@ -75,7 +99,8 @@ def _group_by_latent(cols: Tensor, n_latents: int, key: Tensor | None = None) ->
         for held, version, m, order, ptr in _GROUPS:
             if held is key and version == key._version and m == n_latents:
                 return order, ptr
-    order = torch.argsort(cols)
+    # int32 keys sort about twice as fast as int64 ones on CPU.
+    order = torch.argsort(cols.to(torch.int32) if n_latents < 2**31 else cols)
     ptr = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
     if key is not None:
@@ -251,52 +276,181 @@ def _block_maxima(pre: Tensor, min_blocks: int) -> Tensor:
     return pre
 
 
+def _entries_at_least(pre: Tensor, thr: float) -> tuple[Tensor, Tensor]:
+    """(flat row-major positions, values) of the entries of `pre` (c, m) that are > 0 and >= thr, in
+    no particular order. Looks at the strided blocks whose maximum passes first, so that only a
+    small part of the chunk is compared entry by entry when the threshold is high."""
+    c, m = pre.shape
+    size = next((s for s in (16, 8, 4) if m % s == 0 and m // s >= 2), 0)
+    if size == 0:
+        mask = pre > 0 if thr <= 0 else pre >= thr
+        return mask.reshape(-1).nonzero().squeeze(1), pre[mask]
+    nb = m // size
+    blocks = pre.view(c, size, nb)
+    bm = blocks.amax(1)
+    hit = (bm > 0 if thr <= 0 else bm >= thr).nonzero()
+    r, b = hit[:, 0], hit[:, 1]
+    cand = blocks[r, :, b]  # (hits, size): entry i of block (r, b) is latent i * nb + b of row r
+    mask = cand > 0 if thr <= 0 else cand >= thr
+    pos = mask.nonzero()
+    h, i = pos[:, 0], pos[:, 1]
+    flat = r[h].mul_(m).add_(i.mul_(nb)).add_(b[h])
+    return flat, cand[mask]
+
+
+class BatchTopKCollector:
+    """Exact batch-wide top-(k n) selection fed one row chunk of pre-activations at a time, so the
+    full (n, n_latents) pre-activation tensor never exists.
+
+    Only candidates are kept: positive entries >= the current threshold, which is the larger of
+    - `bound`, a valid lower bound of the (k n)-th largest entry of the batch: given by the caller,
+      and raised to the (k n)-th largest candidate kept so far whenever the candidates are pruned
+      (the batch's (k n)-th largest entry is >= that of any subset of it), and
+    - `hint`, a guess (e.g. the previous batch's threshold), that need not be a bound: if it is
+      above the true (k n)-th largest entry, fewer than k n entries pass and `finish` returns None
+      (the caller then recomputes without the hint). Otherwise every excluded entry is below k n
+      kept ones and the selection is exact.
+    `finish` takes the exact top k n among the candidates (ties at the threshold: the first ones
+    met), rows in order and latents in order within each row, as CSR (values, indices, offsets)."""
+
+    def __init__(self, n: int, m: int, k: int, *, hint: float | None = None, bound: float | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.n, self.m = n, m
+        self.total = min(k * n, n * m)
+        self.bound = -math.inf if bound is None else float(bound)
+        self.hint = None if hint is None else float(hint)
+        self.device, self.dtype = device, dtype
+        self._pos: list[Tensor] = []
+        self._vals: list[Tensor] = []
+        self.count = 0
+        self.pruned = 0
+
+    def threshold(self) -> float:
+        return self.bound if self.hint is None else max(self.bound, self.hint)
+
+    @torch.no_grad()
+    def add(self, pre: Tensor, row0: int) -> None:
+        """Offer rows row0 .. row0 + len(pre) of the batch's pre-activations."""
+        if self.total == 0:
+            return
+        pos, vals = _entries_at_least(pre, self.threshold())
+        if row0:
+            pos.add_(row0 * self.m)
+        self._pos.append(pos)
+        self._vals.append(vals)
+        self.count += pos.numel()
+        if self.count >= 2 * self.total + 4096:
+            self._prune()
+
+    def _cat(self) -> tuple[Tensor, Tensor]:
+        if not self._pos:
+            return (torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, dtype=self.dtype, device=self.device))
+        if len(self._pos) > 1:
+            self._pos, self._vals = [torch.cat(self._pos)], [torch.cat(self._vals)]
+        return self._pos[0], self._vals[0]
+
+    def _prune(self) -> None:
+        pos, vals = self._cat()
+        kth = vals.kthvalue(vals.numel() - self.total + 1).values  # the total-th largest candidate
+        keep = vals >= kth
+        self._pos, self._vals = [pos[keep]], [vals[keep]]
+        self.count = self._pos[0].numel()
+        self.bound = max(self.bound, float(kth))
+        self.pruned += 1
+
+    @torch.no_grad()
+    def finish(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        pos, vals = self._cat()
+        if vals.numel() < self.total and self.hint is not None and self.hint > max(self.bound, 0.0):
+            return None  # the hint was above the (k n)-th largest entry: positives below it are missing
+        if vals.numel() > self.total:
+            kth = vals.kthvalue(vals.numel() - self.total + 1).values
+            keep = vals > kth
+            short = self.total - int(keep.sum())
+            if short > 0:  # ties at the threshold: take the first `short` of them
+                keep[(vals == kth).nonzero().squeeze(1)[:short]] = True
+            pos, vals = pos[keep], vals[keep]
+        pos, order = pos.sort()
+        vals = vals[order]
+        rows = torch.div(pos, self.m, rounding_mode="floor")
+        offsets = torch.zeros(self.n + 1, dtype=torch.long, device=pos.device)
+        torch.cumsum(torch.bincount(rows, minlength=self.n), 0, out=offsets[1:])
+        return vals, pos - rows * self.m, offsets
+
+
 @torch.no_grad()
-def batch_topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def batch_topk_select(pre: Tensor, k: int, chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The k * n largest positive entries of the whole batch as CSR (values, indices, offsets), rows
     in order and entries in latent order within a row — the same set as
     `pre.reshape(-1).topk(k * n)` filtered to > 0 (up to ties at the threshold).
 
     The (k n)-th largest block maximum is a lower bound of the (k n)-th largest entry (the block maxima
     are k n or more distinct entries), so every entry of the batch's top k n is >= it: the exact top
-    k n is taken among the entries above that bound only."""
+    k n is taken among the entries above that bound only (`BatchTopKCollector`, row chunks of
+    `chunk_rows`, default all rows)."""
     n, m = pre.shape
     total = min(k * n, n * m)
-    flat_pre = pre.reshape(-1)
+    bound = None
     bm = _block_maxima(pre, min_blocks=k).reshape(-1)
-    if total < bm.numel():
-        bound = bm.kthvalue(bm.numel() - total + 1).values
-        cand = (flat_pre >= bound).logical_and_(flat_pre > 0).nonzero().squeeze(1)
-    else:
-        cand = (flat_pre > 0).nonzero().squeeze(1)
-    vals = flat_pre[cand]
-    if vals.numel() > total:
-        vals, pos = vals.topk(total, sorted=False)
-        cand, order = cand[pos].sort()
-        vals = vals[order]
-    rows = torch.div(cand, m, rounding_mode="floor")
-    offsets = torch.zeros(n + 1, dtype=torch.long, device=pre.device)
-    torch.cumsum(torch.bincount(rows, minlength=n), 0, out=offsets[1:])
-    return vals, cand - rows * m, offsets
+    if 0 < total < bm.numel():
+        bound = float(bm.kthvalue(bm.numel() - total + 1).values)
+    col = BatchTopKCollector(n, m, k, bound=bound, device=pre.device, dtype=pre.dtype)
+    step = chunk_rows or max(1, n)
+    for s in range(0, n, step):
+        col.add(pre[s : s + step], s)
+    out = col.finish()
+    assert out is not None  # no hint: always exact
+    return out
 
 
 @dataclass
 class TopKSelection:
     """What `encode_topk_chunked` selects (no autograd): the TopK codes and the AuxK entries."""
 
-    values: Tensor  # (n, k), ReLU'd
-    indices: Tensor  # (n, k)
+    values: Tensor  # (n, k), ReLU'd; or (nnz,) with `offsets` (BatchTopK)
+    indices: Tensor  # (n, k), or (nnz,)
     aux_values: Tensor | None = None  # (n, k_aux) among the dead latents
     aux_indices: Tensor | None = None
+    offsets: Tensor | None = None  # (n + 1,) CSR pointer of ragged codes
+    # BatchTopK: the hint was too high and the pre-activations were computed a second time.
+    recomputed: bool = False
+
+
+def iter_pre_chunks(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, *, scale: float = 1.0, b_dec: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+):
+    """Yield (row0, pre) for row chunks of pre = (scale * x - b_dec) @ W_enc + b_enc (no autograd).
+    The chunk's buffer is reused: `pre` is valid until the next chunk is produced."""
+    n = x.shape[0]
+    rows = max(1, min(chunk_rows, n))
+    cast = compute_dtype is not None and compute_dtype != W_enc.dtype
+    W_c = W_enc.to(compute_dtype) if cast else W_enc
+    buf = torch.empty(rows, W_enc.shape[1], dtype=W_enc.dtype, device=x.device)
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            xc = x[s:e]
+            if scale != 1.0 or b_dec is not None:
+                xc = xc * scale if scale != 1.0 else xc.clone()
+                if b_dec is not None:
+                    xc.sub_(b_dec)
+            out = buf[: e - s]
+            if cast:
+                out.copy_(torch.mm(xc.to(compute_dtype), W_c)).add_(b_enc)
+            else:
+                torch.addmm(b_enc, xc, W_enc, out=out)
+            yield s, out
 
 
 @torch.no_grad()
 def encode_topk_chunked(
     xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, dead_cols: Tensor | None = None, k_aux: int = 0,
     compute_dtype: torch.dtype | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    scale: float = 1.0, b_dec: Tensor | None = None,
 ) -> TopKSelection:
-    """TopK codes (and AuxK entries among `dead_cols`) of xc = xn - b_dec, computing the
-    pre-activations `chunk_rows` rows at a time."""
+    """TopK codes (and AuxK entries among `dead_cols`) of pre = (scale * xc - b_dec) @ W_enc + b_enc
+    (by default xc is already xn - b_dec), computing the pre-activations `chunk_rows` rows at a time."""
     n = xc.shape[0]
     values = torch.empty(n, k, dtype=W_enc.dtype, device=xc.device)
     indices = torch.empty(n, k, dtype=torch.long, device=xc.device)
@@ -304,21 +458,221 @@ def encode_topk_chunked(
     if aux:
         aux_values = torch.empty(n, k_aux, dtype=W_enc.dtype, device=xc.device)
         aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=xc.device)
-    if compute_dtype is not None and compute_dtype != W_enc.dtype:
-        # Cast once per batch, not per chunk; the result is accumulated back in the weights' dtype.
-        xc_c, W_c = xc.to(compute_dtype), W_enc.to(compute_dtype)
-    else:
-        xc_c, W_c = xc, W_enc
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        if W_c is W_enc:
-            pre = torch.addmm(b_enc, xc[s:e], W_enc)
-        else:
-            pre = torch.mm(xc_c[s:e], W_c).to(W_enc.dtype).add_(b_enc)
-        values[s:e], indices[s:e] = topk_select(pre, k)
-        if aux:
-            aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
-        del pre
+    for s, pre in iter_pre_chunks(xc, W_enc, b_enc, scale=scale, b_dec=b_dec, compute_dtype=compute_dtype,
+                                  chunk_rows=chunk_rows):
+        e = s + pre.shape[0]
+        with _serial():
+            values[s:e], indices[s:e] = topk_select(pre, k)
+            if aux:
+                aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
     if aux:
         return TopKSelection(values, indices, aux_values, aux_indices)
     return TopKSelection(values, indices)
+
+
+@torch.no_grad()
+def encode_batch_topk_chunked(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, dead_cols: Tensor | None = None, k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    scale: float = 1.0, b_dec: Tensor | None = None, hint: float | None = None,
+) -> TopKSelection:
+    """BatchTopK codes (CSR: the k n largest positive pre-activations of the batch) and AuxK entries
+    of pre = (scale * x - b_dec) @ W_enc + b_enc, in row chunks (`BatchTopKCollector`). `hint`, a
+    guess of the (k n)-th largest entry, makes the selection faster when close below it; when it
+    proves too high the pre-activations are computed once more without it (`recomputed`)."""
+    n, m = x.shape[0], W_enc.shape[1]
+    aux = dead_cols is not None and k_aux > 0
+    if aux:
+        aux_values = torch.empty(n, k_aux, dtype=W_enc.dtype, device=x.device)
+        aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=x.device)
+    kw = dict(scale=scale, b_dec=b_dec, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
+    col = BatchTopKCollector(n, m, k, hint=hint, device=x.device, dtype=W_enc.dtype)
+    for s, pre in iter_pre_chunks(x, W_enc, b_enc, **kw):
+        with _serial():
+            col.add(pre, s)
+            if aux:
+                e = s + pre.shape[0]
+                aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
+    with _serial():
+        out = col.finish()
+    recomputed = out is None
+    if out is None:
+        col = BatchTopKCollector(n, m, k, device=x.device, dtype=W_enc.dtype)
+        for s, pre in iter_pre_chunks(x, W_enc, b_enc, **kw):
+            with _serial():
+                col.add(pre, s)
+        with _serial():
+            out = col.finish()
+        assert out is not None
+    values, indices, offsets = out
+    if aux:
+        return TopKSelection(values, indices, aux_values, aux_indices, offsets=offsets, recomputed=recomputed)
+    return TopKSelection(values, indices, offsets=offsets, recomputed=recomputed)
+
+
+# ----- the whole sparse step -----------------------------------------------------------------------
+class _SparseTopKStep(torch.autograd.Function):
+    """Decoder, reconstruction loss and AuxK loss of selected codes, with one sparse backward for all
+    four parameters. Entries are CSR over bags: bag r < n is token r's code, bag n + r its AuxK code.
+
+    Forward (normalised units xn = scale * x): out = embedding_bag(entries, W_dec) (bags, d);
+    x_hat = (out[:n] + b_dec) / scale; D = x_hat - x (raw units, kept in out[:n]); mse = scale^2 |D|^2 / n;
+    AuxK: A = out[n:] + scale * D (the dead latents' reconstruction minus the live residual
+    xn - xn_hat = -scale * D), auxk = coef |A|^2 / n. Only `out` and `x_hat` are (n, d)-sized.
+
+    Backward: G = d loss / d out (in place in `out`); grad W_dec = segment sum over latents of
+    value * G[bag]; grad value = G[bag] . W_dec[latent], passed where the value is > 0 (ReLU) as g;
+    grad b_enc = colsum g; grad W_enc[:, j] = sum over j's entries of g * xc[token] with
+    xc = scale * x - b_dec, i.e. scale * (segment sum of g * x) - b_dec (x) grad b_enc, written block
+    by block in W_enc's own (d_in, n_latents) layout; grad b_dec = colsum G[:n] - W_enc grad b_enc."""
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef):  # type: ignore[override]
+        n = x.shape[0]
+        n_bags = bag_offsets.numel() - 1
+        out = F.embedding_bag(cols, W_dec, bag_offsets, mode="sum", per_sample_weights=vals, include_last_offset=True)
+        x_hat = out[:n].add(b_dec)
+        if scale != 1.0:
+            x_hat.div_(scale)
+        D = out[:n]
+        torch.sub(x_hat, x, out=D)
+        flat = D.reshape(-1)
+        mse = torch.dot(flat, flat).mul_(scale * scale / max(1, n))
+        if n_bags > n:
+            A = out[n:]
+            A.add_(D, alpha=scale)
+            flat = A.reshape(-1)
+            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+        else:
+            aux = torch.zeros((), dtype=out.dtype, device=out.device)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets)
+        ctx.out = out  # not saved: the backward overwrites it in place and frees it early
+        ctx.scale, ctx.aux_coef = scale, aux_coef
+        return x_hat, mse, aux
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_mse, g_aux):  # type: ignore[override]
+        G = ctx.out
+        if G is None:
+            raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
+        ctx.out = None
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets = ctx.saved_tensors
+        need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
+        n, d = x.shape
+        m = W_dec.shape[0]
+        n_bags = bag_offsets.numel() - 1
+        s = ctx.scale
+        Gm = G[:n]
+        if g_mse is None:
+            Gm.zero_()
+        else:
+            Gm.mul_(g_mse * (2 * s / max(1, n)))
+        if g_xhat is not None:
+            Gm.add_(g_xhat, alpha=1 / s)
+        if n_bags > n:
+            if g_aux is None:
+                G[n:].zero_()
+            else:
+                G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
+        grad_we = grad_be = grad_wd = grad_bd = None
+        if need_bd:
+            grad_bd = Gm.sum(0)
+        del Gm
+        bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
+        order, ptr = _group_by_latent(cols, m)
+        bags_sorted = bags[order]
+        if need_wd:
+            grad_wd = F.embedding_bag(bags_sorted, G, ptr, mode="sum", per_sample_weights=vals[order],
+                                      include_last_offset=True)
+        if not (need_we or need_be or need_bd):
+            return None, None, grad_wd, grad_bd, None, None, None, None, None, None
+        g = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W_dec, cols, bag_offsets[:-1], bags, 0, -1)
+        del G, bags
+        g.mul_(vals > 0)  # ReLU: no gradient where the value was clipped to 0
+        gb = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
+        if need_be:
+            grad_be = gb
+        if need_bd:
+            grad_bd.addmv_(W_enc, gb, alpha=-1)
+        if need_we:
+            if n_bags > n:
+                bags_sorted.remainder_(n)  # AuxK bags n + r read token r
+            g_sorted = g[order]
+            del g, order
+            grad_we = _segment_sum_transposed(bags_sorted, g_sorted, x, ptr, s, b_dec, gb)
+        return grad_we, grad_be, grad_wd, grad_bd, None, None, None, None, None, None
+
+
+# Latents per block of the grad-W_enc segment sum (its (block, d_in) result is transposed in cache).
+_WENC_BLOCK = 256
+
+
+def _segment_sum_transposed(rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, scale: float,
+                            b_dec: Tensor, colsum: Tensor) -> Tensor:
+    """(d, m) matrix whose column j is scale * sum_{e in latent j} weights[e] * table[rows[e]]
+    - b_dec * colsum[j], for entries sorted by latent with CSR pointer `ptr`, built block by block
+    (no (m, d) intermediate)."""
+    m, d = ptr.numel() - 1, table.shape[1]
+    out = torch.empty(d, m, dtype=table.dtype, device=table.device)
+    bounds = ptr[:: _WENC_BLOCK].tolist() + ([int(ptr[-1])] if m % _WENC_BLOCK else [])
+    weights = weights.to(table.dtype)
+    with _serial():
+        _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum)
+    return out
+
+
+def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum) -> None:
+    m = out.shape[1]
+    for blk, j0 in enumerate(range(0, m, _WENC_BLOCK)):
+        j1 = min(m, j0 + _WENC_BLOCK)
+        p0, p1 = bounds[blk], bounds[blk + 1]
+        part = F.embedding_bag(rows[p0:p1], table, ptr[j0 : j1 + 1] - p0, mode="sum",
+                               per_sample_weights=weights[p0:p1], include_last_offset=True)
+        dst = out[:, j0:j1]
+        dst.copy_(part.t())
+        if scale != 1.0:
+            dst.mul_(scale)
+        dst.addr_(b_dec, colsum[j0:j1], alpha=-1)
+
+
+def _selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR (cols, vals, bag_offsets) of a selection's codes (bags 0..n-1) and, if any, its AuxK
+    entries with a value > 0 (bags n..2n-1; the others contribute nothing)."""
+    if sel.offsets is None:
+        n, k = sel.indices.shape
+        cols, vals = sel.indices.reshape(-1), sel.values.reshape(-1)
+        offsets = torch.arange(0, n * k + 1, max(1, k), device=cols.device)[: n + 1]
+    else:
+        cols, vals, offsets = sel.indices, sel.values, sel.offsets
+    if sel.aux_values is None:
+        return cols, vals, offsets
+    live = sel.aux_values > 0
+    aux_off = torch.zeros(live.shape[0], dtype=torch.long, device=cols.device)
+    torch.cumsum(live.sum(1), 0, out=aux_off)
+    return (torch.cat([cols, sel.aux_indices[live]]), torch.cat([vals, sel.aux_values[live]]),
+            torch.cat([offsets, aux_off.add_(cols.numel())]))
+
+
+def sparse_topk_step(
+    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, sel: TopKSelection,
+    aux_coef: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(x_hat in raw units, mse, auxk or None) of the codes selected from x (raw, (n, d)) with
+    xn = scale * x: mse = |xn_hat - xn|^2 summed over dimensions, averaged over tokens; auxk as
+    `topk.auxk_term` (aux_coef times the AuxK reconstruction error of the live residual). Both
+    backpropagate to W_enc, b_enc, W_dec and b_dec through the selected entries only
+    (`_SparseTopKStep`)."""
+    cols, vals, offsets = _selection_entries(sel)
+    x_hat, mse, aux = _SparseTopKStep.apply(W_enc, b_enc, W_dec, b_dec, x, float(scale), cols,
+                                           vals.to(W_dec.dtype), offsets, float(aux_coef))
+    return x_hat, mse, (aux if sel.aux_values is not None else None)
+
+
+@torch.no_grad()
+def remove_parallel_component_(g: Tensor, w: Tensor, block_rows: int = 512) -> None:
+    """g[i] -= (g[i] . w[i]) w[i] in place, in row blocks (no (m, d) temporaries)."""
+    with _serial():
+        for s in range(0, g.shape[0], block_rows):
+            gb, wb = g[s : s + block_rows], w[s : s + block_rows]
+            gb.addcmul_((gb * wb).sum(-1, keepdim=True), wb, value=-1)

@@ -4,13 +4,17 @@ Codes keep the k largest pre-activations of each token (ReLU'd), as sparse (indi
 AuxK loss revives dead latents: the k_aux largest pre-activations among latents dead for the trainer's
 window reconstruct the main reconstruction's residual, weighted by `aux_coef` (1/32 in the paper).
 
-Training takes the sparse path of `hsae.models.kernels` (issue 6): the pre-activations are computed
-in row chunks without autograd and only the selected entries are kept; the code values are then
-re-attached to W_enc, b_enc and b_dec by a custom autograd function whose backward is a segment sum
-over the k active latents per token, and decoding goes through `embedding_bag` with a sparse
-backward. The cost of a step is the encoder matmul plus O(k + k_aux) per token, and it computes the
-same codes, losses and gradients as the dense formulation (`forward` of the base class, which is
-what runs in eval mode, without autograd, or for subclasses that change `activate`/`extra_losses`).
+Training takes the sparse path of `hsae.models.kernels` (issue 6): the pre-activations
+(scale * x - b_dec) @ W_enc + b_enc are computed in row chunks without autograd and only the selected
+entries are kept (`encode_topk_chunked`); one custom autograd function (`sparse_topk_step`) then
+decodes them with `embedding_bag`, forms the reconstruction and AuxK losses and, in its backward,
+writes all four parameter gradients through the active entries only (grad W_enc directly in its
+(d_in, n_latents) layout, from the raw batch, without an (n, d_in) xc or any (n, n_latents) tensor).
+The cost of a step is the encoder matmul plus O(k + k_aux) per token, and it computes the same codes,
+losses and gradients as the dense formulation (`forward` of the base class, which is what runs in
+eval mode, without autograd, or for subclasses that change `activate`/`extra_losses`). Peak memory is
+about parameters + Adam state + batch + gradients + two (n, d_in) tensors (the reconstruction and its
+error) + one pre-activation chunk.
 
 `compute_dtype = "bfloat16"` runs the encoder matmul in bf16 (weights stay float32; on CPUs with
 AVX-512 bf16/AMX and on GPUs it is several times faster); everything else stays float32.
@@ -30,9 +34,12 @@ from hsae.models import register
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.kernels import (
-    DEFAULT_CHUNK_ROWS, compute_dtype_of, encode_topk_chunked, encoder_matmul, sparse_decode,
-    sparse_encoder_values,
+    DEFAULT_CHUNK_ROWS, TopKSelection, compute_dtype_of, encode_topk_chunked, encoder_matmul,
+    remove_parallel_component_, sparse_decode, sparse_encoder_values, sparse_topk_step,
 )
+
+__all__ = ["TopKConfig", "TopKSAE", "topk_codes", "aux_plan", "auxk_term", "auxk_loss", "sparse_decode",
+           "sparse_encoder_values", "encode_topk_chunked", "encoder_matmul"]
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -139,23 +146,38 @@ class TopKSAE(SAE):
         aux = None if sel.aux_values is None else (sel.aux_values, sel.aux_indices)
         return codes, aux
 
+    def _select_sparse(self, x: Tensor, dead_cols: Tensor | None, k_aux: int) -> TopKSelection:
+        """Training codes and AuxK entries (no autograd) of raw inputs x: the pre-activations
+        (scale * x - b_dec) @ W_enc + b_enc are computed in row chunks, never all at once."""
+        return encode_topk_chunked(
+            x, self.W_enc.detach(), self.b_enc.detach(), self.config.k, dead_cols=dead_cols, k_aux=k_aux,
+            compute_dtype=self._compute_dtype, chunk_rows=self.train_chunk_rows,
+            scale=self.config.input_scale, b_dec=self.b_dec.detach(),
+        )
+
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
         if not self._sparse_path_ok():
             return super().forward(x, ctx)
-        xn = self.scale_in(x)
-        xc = xn.detach() - self.b_dec.detach()
+        if x.dim() != 2 or x.shape[-1] != self.d_in:
+            self.scale_in(x)  # raises the shape error
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
         dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
-        codes, aux = self._select_train(xc, dead_cols, k_aux)
+        sel = self._select_sparse(x, dead_cols, k_aux)
+        x_hat, mse, auxk = sparse_topk_step(
+            x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel,
+            self.config.aux_coef,  # type: ignore[attr-defined]
+        )
+        losses = {"mse": mse}
+        if auxk is not None:
+            losses["auxk"] = auxk
+        codes = SparseCodes(sel.indices, sel.values, self.n_latents, sel.offsets)
+        return SAEOutput(x_hat=x_hat, codes=codes, losses=losses)
 
-        def attach(values: Tensor, indices: Tensor, offsets: Tensor | None = None) -> Tensor:
-            return sparse_encoder_values(values, xn, self.W_enc, self.b_enc, self.b_dec, indices, offsets, xc=xc)
-
-        codes = SparseCodes(codes.indices, attach(codes.values, codes.indices, codes.offsets), self.n_latents, codes.offsets)
-        xn_hat = self.decode_normalized(codes)
-        losses = {"mse": (xn_hat - xn).pow(2).sum(-1).mean()}
-        if aux is not None:
-            losses.update(auxk_term(self, xn, xn_hat, attach(*aux), aux[1]))
-        return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """As the base class, in place in row blocks (no (n_latents, d_in) temporaries)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            remove_parallel_component_(self.W_dec.grad, self.W_dec)
 
 
 # `activate` methods whose codes are ReLU'd pre-activations at the selected entries (batchtopk adds its own).
