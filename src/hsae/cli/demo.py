@@ -26,7 +26,6 @@ def demo(
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Tokens to evaluate on"),
 ) -> None:
     """Harvest MiniLM + WordNet, train an SAE, evaluate it and print its forest (resumable)."""
-    import hsae
     from hsae.cli._common import quiet_transformers
     from hsae.config import TrainConfig, from_dict
     from hsae.models import get_family
@@ -51,10 +50,13 @@ def demo(
     Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
 
     typer.echo(f"[3/4] evaluate on {eval_tokens} tokens -> {model_dir / 'eval'}")
-    from hsae.cli.evaluate import eval_command
+    from hsae.cli.evaluate import run_eval
 
-    eval_command(model_dir, data=str(store_dir), tokens=eval_tokens, out=None, metric=[], synthetic=[])
-
-    typer.echo("[4/4] done: open " + str(model_dir / "eval" / "report.html"))
-    model = hsae.load(model_dir)
-    typer.echo(f"model: {model.arch}, {model.n_latents} latents over d_in {model.d_in}")
+    report = run_eval(model_dir, data=str(store_dir), tokens=eval_tokens)
+    sections = {s.name: s for s in report.sections}
+    forest = sections.get("hierarchy")
+    if forest is not None and not forest.skipped:
+        m = forest.metrics
+        typer.echo(f"[4/4] feature forest ({m['forest']}): {m['edges']} parent->child edges, {m['roots']} roots, "
+                   f"depth {m['depth']}, mean branching {m['mean_branching']:.2f}")
+    typer.echo("done: open " + str(model_dir / "eval" / "report.html"))

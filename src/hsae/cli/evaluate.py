@@ -47,14 +47,22 @@ def eval_command(
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
     """Evaluate a model: prints a table, writes report.json and a self-contained report.html."""
-    import hsae
     from hsae.config import parse_overrides
+
+    run_eval(model_dir, data=data, tokens=tokens, out=out, metrics=metric, synthetic=synthetic,
+             options=parse_overrides(option))
+
+
+def run_eval(model_dir: Path, *, data: Optional[str] = None, tokens: int = 65536, out: Optional[Path] = None,
+             metrics: list[str] | None = None, synthetic: list[str] | None = None,
+             options: dict[str, str] | None = None):
+    """What `hsae eval` does, callable from other commands: evaluate, print, write the report."""
+    import hsae
     from hsae.eval.run import evaluate
 
     model = hsae.load(model_dir)
-    source = _open_for(model_dir, data, synthetic)
-    report = evaluate(model, source, model_dir=model_dir, tokens=tokens, only=metric or None,
-                      options=parse_overrides(option))
+    source = _open_for(model_dir, data, synthetic or [])
+    report = evaluate(model, source, model_dir=model_dir, tokens=tokens, only=metrics or None, options=options)
     console = Console()
     for section in report.sections:
         table = Table(title=section.name, show_header=False, title_justify="left")
@@ -65,6 +73,7 @@ def eval_command(
         console.print(table)
     json_path, html_path = report.write(out or model_dir / "eval")
     console.print(f"wrote {json_path} and {html_path}")
+    return report
 
 
 @app.command()
