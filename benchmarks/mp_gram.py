@@ -1,6 +1,6 @@
 """MP-SAE encoders: the Gram-matrix form against the naive residual loop.
 
-    python benchmarks/mp_gram.py [--n 1024] [--d 768] [--m 4096] [--k 32] [--repeats 3]
+    python benchmarks/mp_gram.py [--n 1024] [--d 768] [--m 4096] [--k 32] [--repeats 3] [--threads T]
 
 Both run k steps of matching pursuit on the same dictionary and batch (float32, inference, no grad).
 "naive" recomputes the correlations W r with a matmul every step (O(n m d) per step); "gram" updates
@@ -8,6 +8,14 @@ them with rows of G = W W^T (O(n m) per step). Timings are the best of `--repeat
 reported both with G cached (inference, as MPSAE does in eval mode) and with G rebuilt per call
 (training, where W changes every step). Equality: the selected atoms and coefficients of both, and
 a float64 run where they must agree exactly up to rounding.
+
+Both encoders pick atoms with `hsae.models.mp.argmax_rows` (a blocked argmax, equal to torch's
+argmax; torch's own argmax over 4096-wide rows took 6.7 of the ~10 ms of a Gram step at n = 1024 on
+one core), so the comparison is of the correlation updates alone. The Gram encoder runs in row
+chunks that keep the correlations in cache (hsae.models.mp.GRAM_CHUNK_ELEMENTS).
+Measured (1 thread, this 2-core machine, shared; best of 3): n=1024: naive 1.14 s, Gram cached 0.19 s
+(6.2x), Gram with G built per call 0.35 s (3.3x); n=4096: naive 5.66 s, cached 0.71 s (8.0x), built
+per call 0.88 s (6.4x). Before (torch argmax, no chunks): 4.1x / 2.6x at n=1024, 4.9x / 4.3x at n=4096.
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)
     W = torch.randn(args.m, args.d, generator=g)
     W /= W.norm(dim=1, keepdim=True)

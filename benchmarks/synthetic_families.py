@@ -14,6 +14,10 @@ latent silent while the child's fires, on samples where both true features are o
 precision/recall/F1 of the reported parent->child edges against the true ones (latents mapped to
 true features by best decoder cosine). Families without a built-in tree report the forest that
 post-hoc extraction (hsae.interpret.forest, default thresholds) finds on a separate sample.
+Seeds: the forest is drawn with torch.Generator().manual_seed(--seed).randn and each model's init
+with randn after torch.manual_seed(train seed); with equal seeds every model would start with the
+true root directions (and the children's random parts) as decoder rows, so the training seed is
+--seed + 1 unless given (and may not equal --seed).
 Note on "recovered": the synthetic children have cosine 0.5 with their parent; a model that learns a
 parent latent plus the child's orthogonal offset (cosine 0.87 with the child) fires correctly but
 does not count the child as recovered at the 0.9 threshold.
@@ -54,7 +58,7 @@ def run_family(name: str, source: SyntheticSource, args: argparse.Namespace) -> 
     sae_cfg = family.config_class(arch=arch, d_in=source.d_in, n_latents=n_latents or args.n_latents,
                                   k=k or args.k, **options)
     sae_cfg.validate()
-    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.train_seed,
                             checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
                             dead_window_tokens=args.dead_window)
     with tempfile.TemporaryDirectory() as out:
@@ -87,9 +91,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--n-latents", type=int, default=512)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic forest")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of model init and training (default: --seed + 1; never equal to --seed, see below)")
     p.add_argument("--dead-window", type=int, default=200_000)
     args = p.parse_args()
+    if args.train_seed is None:
+        args.train_seed = args.seed + 1
+    if args.train_seed == args.seed:
+        p.error("--train-seed must differ from --seed: the forest's directions and the models' init would "
+                "be the same random draws")
     names = list(families()) if args.families == "all" else args.families.split(",")
     source = SyntheticSource(SyntheticConfig(seed=args.seed))
     print(f"synthetic forest: d_in {source.d_in}, {source.forest.n_features} true features; "

@@ -13,7 +13,7 @@ from hsae.eval.hierarchy import hierarchy_report
 from hsae.interpret.forest import extract_forest, has_builtin_hierarchy
 from hsae.models import get_family
 from hsae.models.codes import to_dense
-from hsae.models.mp import merge_repeats, mp_gram, mp_naive
+from hsae.models.mp import argmax_rows, merge_repeats, mp_gram, mp_naive
 from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
 from hsae.train import Trainer
 
@@ -110,6 +110,34 @@ def test_forest_hierarchy_links_consecutive_levels():
     assert kids.numel() == 24 - int(0.2 * 24)  # the weakest 20% stay unassigned
 
 
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_matryoshka_sparse_training_path_equals_dense(with_dead):
+    from hsae.models.base import StepContext
+
+    m = _fresh("matryoshka", 64, 4, group_fractions=[0.25, 0.25, 0.5]).double().train()
+    with torch.no_grad():
+        m.b_dec.normal_()
+        m.b_enc.normal_(0, 0.1)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = with_dead
+    results = []
+    for sparse in (True, False):
+        m.sparse_training = sparse
+        m.zero_grad()
+        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (sp, g_sp), (de, g_de) = results
+    assert set(sp.losses) == set(de.losses) == ({"mse", "prefix_mse", "auxk"} if with_dead else {"mse", "prefix_mse"})
+    for key in sp.losses:
+        assert torch.allclose(sp.losses[key], de.losses[key], atol=1e-10)
+    assert torch.allclose(sp.x_hat, de.x_hat, atol=1e-10)
+    assert torch.equal(to_dense(sp.codes) != 0, to_dense(de.codes) != 0)
+    for name in g_de:
+        assert torch.allclose(g_sp[name], g_de[name], atol=1e-10), name
+
+
 def test_matryoshka_sampled_groups_are_nested_prefixes():
     m = _fresh("matryoshka", 64, 4, sampled_groups=True, n_sampled_prefixes=4)
     m.train()
@@ -170,6 +198,17 @@ def test_mp_model_encoders_agree_and_k_at_inference():
     assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:]))
 
 
+@pytest.mark.parametrize("m", [37, 128, 200, 4096])
+def test_argmax_rows_equals_argmax(m):
+    g = torch.Generator().manual_seed(m)
+    for _ in range(5):
+        c = torch.randn(33, m, generator=g)
+        c[:, torch.randint(0, m, (3,), generator=g)] = 5.0  # ties: the first index wins, as argmax
+        assert torch.equal(argmax_rows(c), c.argmax(1))
+    c = torch.randint(0, 3, (33, m), generator=g).float()
+    assert torch.equal(argmax_rows(c), c.argmax(1))
+
+
 def test_merge_repeats():
     idx = torch.tensor([[3, 1, 3, 3]])
     val = torch.tensor([[1.0, 2.0, 0.5, 0.25]])
@@ -178,6 +217,20 @@ def test_merge_repeats():
 
 # ----- the papers' claim, in kind ------------------------------------------------------------------------
 CLAIM_DATA = SyntheticConfig(d_in=32, n_roots=8, branching=3, p_root=0.15, p_child=0.9, seed=0)
+# The training seed must differ from the data seed: the forest draws its directions with
+# torch.Generator().manual_seed(seed).randn and the model's init draws randn after
+# torch.manual_seed(seed), so with equal seeds every family starts with the true root directions
+# (and the children's random parts) as decoder rows (mean best cosine 0.89 at init, 1.0 for roots).
+CLAIM_TRAIN_SEED = 1
+
+
+def test_claim_models_do_not_start_at_the_truth():
+    source = SyntheticSource(CLAIM_DATA)
+    torch.manual_seed(CLAIM_TRAIN_SEED)
+    fam = get_family("topk")
+    model = fam(fam.config_class(arch="topk", d_in=32, n_latents=64, k=2))
+    w = model.W_dec.detach() / model.W_dec.detach().norm(dim=1, keepdim=True)
+    assert float((source.forest.directions @ w.T).max(1).values.mean()) < 0.6
 
 
 def _train_and_score(arch, n, k, **opts):
@@ -185,8 +238,8 @@ def _train_and_score(arch, n, k, **opts):
     fam = get_family(arch)
     cfg = fam.config_class(arch=arch, d_in=32, n_latents=n, k=k, **opts)
     cfg.validate()
-    train = TrainConfig(steps=300, batch_size=256, lr=3e-3, lr_warmup_steps=20, seed=0, checkpoint_every=10_000,
-                        log_every=10_000, dead_window_tokens=5120)
+    train = TrainConfig(steps=300, batch_size=256, lr=3e-3, lr_warmup_steps=20, seed=CLAIM_TRAIN_SEED,
+                        checkpoint_every=10_000, log_every=10_000, dead_window_tokens=5120)
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
@@ -204,21 +257,22 @@ def topk_baseline():
     return _train_and_score("topk", 64, 2)
 
 
+# Measured (training seeds 1, 2, 3; TopK absorbs 0.72-0.79 with edge F1 0.33-0.55): matryoshka 0.36-0.63
+# and F1 0.63-0.72; forest with TopK levels (k=1 per level, L0 2 like TopK's) 0.35-0.40 and F1 0.64-0.75.
 CLAIMANTS = [
     pytest.param("matryoshka", 64, 2, {"group_fractions": [0.25, 0.75]}, id="matryoshka"),
-    # Measured, not hidden: in this configuration these families do not (yet) beat TopK; see the
-    # synthetic benchmark table (benchmarks/synthetic_families.py) for the numbers.
+    pytest.param("forest", 64, 1, {"level_fractions": [1.0, 3.0], "activation": "topk"}, id="forest"),
+    # Measured, not hidden: in this configuration these families do not beat TopK; see the synthetic
+    # benchmark table (benchmarks/synthetic_families.py) for the numbers.
     pytest.param("mp", 64, 2, {}, id="mp", marks=pytest.mark.xfail(
-        reason="MP-SAE absorbs more than TopK here (its parent atom is skipped once a merged atom explains the pair)",
-        strict=False)),
+        reason="MP-SAE learns merged parent+child atoms here (cosine 0.87 with both, no separate parent "
+               "atom): absorption 0.97-0.99", strict=False)),
     pytest.param("h-sae", 60, 1, {"m_low": 4, "subspace_dim": 3}, id="h-sae", marks=pytest.mark.xfail(
-        reason="H-SAE's top latents merge parent and child here; its child directions do not match the true ones",
+        reason="H-SAE's top latents learn merged parent+child directions (absorption 0.8-0.95 after 300 steps)",
         strict=False)),
     pytest.param("tree", 64, 2, {}, id="tree", marks=pytest.mark.xfail(
-        reason="Tree SAE's learned parent links rarely match the true edges in a 300-step run", strict=False)),
-    pytest.param("forest", 64, 1, {"level_fractions": [1.0, 3.0], "activation": "topk"}, id="forest",
-                 marks=pytest.mark.xfail(reason="feature-forest levels each reconstruct x and absorb like TopK",
-                                         strict=False)),
+        reason="Tree SAE's randomly allocated children stay dead under the gate at k=2 and are reset to the "
+               "root at 51% of the run, so the learned tree is nearly flat (edge F1 0-0.15)", strict=False)),
 ]
 
 

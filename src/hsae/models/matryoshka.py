@@ -22,6 +22,9 @@ Groups (choices, where the papers leave room):
   not implemented; his ReLU + cumulative L1 activation is not used (this family is BatchTopK).
 - Inference: BatchTopK's learned global threshold (or `encode(x, k=...)` for per-token TopK).
 
+Training takes the sparse path of hsae.models.kernels (issue 6), as TopK and BatchTopK do: no
+(n, n_latents) tensor enters autograd; the extra cost over BatchTopK is one sparse decode per group.
+
 There is no built-in tree: `hierarchy()` returns the forest found post hoc (hsae.interpret.forest;
 `hsae tree DIR --data ... --save`), all -1 until then.
 """
@@ -38,7 +41,8 @@ from hsae.models import register
 from hsae.models.base import StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
-from hsae.models.kernels import sparse_decode
+from hsae.models.kernels import sparse_decode, sparse_encoder_values
+from hsae.models.topk import TopKSAE, aux_plan, auxk_term
 
 
 @dataclass
@@ -95,28 +99,79 @@ class MatryoshkaSAE(BatchTopKSAE):
         cuts = lengths[torch.multinomial(pmf, n_cuts, replacement=False)].long().sort().values.tolist()
         return [0, *cuts, m]
 
+    # Whether training takes the sparse path (as TopKSAE.forward); False forces the dense formulation.
+    sparse_training: bool = True
+
+    def _matryoshka_sparse_ok(self) -> bool:
+        cls = type(self)
+        return (
+            self.sparse_training and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad
+            and cls.activate is BatchTopKSAE.activate and cls.extra_losses is TopKSAE.extra_losses
+        )
+
+    def _prefix_losses(self, xn: Tensor, idx: Tensor, val: Tensor, off: Tensor | None) -> tuple[Tensor, dict]:
+        """b_dec plus each group's decoded codes, cumulatively; the loss of every prefix. Each group
+        decodes only its own entries (CSR per group), so all groups together cost one decode."""
+        n = xn.shape[0]
+        if off is None:  # fixed-width (n, k) codes
+            k = idx.shape[1]
+            idx, val = idx.reshape(-1), val.reshape(-1)
+            off = torch.arange(0, n * k + 1, k, device=idx.device)
+        rows = torch.arange(n, device=idx.device).repeat_interleave(off.diff(), output_size=idx.numel())
+        xn_hat = self.b_dec.expand_as(xn)
+        prefix_losses = []
+        bounds = self.group_bounds()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            in_group = (idx >= lo) & (idx < hi)
+            if bool(in_group.any()):
+                counts = torch.bincount(rows[in_group], minlength=n)
+                off_g = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+                xn_hat = xn_hat + sparse_decode(idx[in_group], val[in_group], self.W_dec, off_g)
+            prefix_losses.append((xn_hat - xn).pow(2).sum(-1).mean())
+        losses = {"mse": prefix_losses[-1]}
+        if len(prefix_losses) > 1:
+            losses["prefix_mse"] = torch.stack(prefix_losses[:-1]).sum()
+        return xn_hat, losses
+
     def forward(self, x: Tensor, ctx: StepContext | None = None):
         from hsae.models.base import SAEOutput
 
+        if self._matryoshka_sparse_ok():
+            return self._forward_sparse(x, ctx)
         xn = self.scale_in(x)
         pre = self.pre_activations(xn)
         codes = self.activate(pre)
-        bounds = self.group_bounds()
         if isinstance(codes, SparseCodes):
             idx, val, off = codes.indices, codes.values, codes.offsets
         else:  # dense threshold codes (eval mode)
             sc = SparseCodes.from_dense(to_dense(codes))
             idx, val, off = sc.indices, sc.values, sc.offsets
-        xn_hat = self.b_dec.expand_as(xn)
-        prefix_losses = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            in_group = (idx >= lo) & (idx < hi)
-            xn_hat = xn_hat + sparse_decode(idx, val * in_group, self.W_dec, off)
-            prefix_losses.append((xn_hat - xn).pow(2).sum(-1).mean())
-        losses = {"mse": prefix_losses[-1]}
-        if len(prefix_losses) > 1:
-            losses["prefix_mse"] = torch.stack(prefix_losses[:-1]).sum()
+        xn_hat, losses = self._prefix_losses(xn, idx, val, off)
         losses.update(self.extra_losses(xn, pre, codes, xn_hat, ctx))
+        return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
+
+    def _forward_sparse(self, x: Tensor, ctx: StepContext | None):
+        """The training step without (n, n_latents) tensors in autograd, as TopKSAE.forward: the
+        batch-wide top-(k n) selection runs on chunked pre-activations without autograd
+        (BatchTopKSAE._select_sparse), the selected values get their encoder gradients through
+        `sparse_encoder_values` (sparse backward), and the prefix reconstructions and AuxK are
+        sparse decodes. Same codes, losses and gradients as the dense formulation
+        (tests/test_hierarchical.py checks them)."""
+        from hsae.models.base import SAEOutput
+
+        xn = self.scale_in(x)
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
+        sel = self._select_sparse(x, dead_cols, k_aux)
+        xc = xn - self.b_dec.detach()
+        idx, off = sel.indices, sel.offsets
+        val = sparse_encoder_values(sel.values, xn, self.W_enc, self.b_enc, self.b_dec, idx, off, xc=xc)
+        xn_hat, losses = self._prefix_losses(xn, idx, val, off)
+        if sel.aux_values is not None:
+            aux_val = sparse_encoder_values(sel.aux_values, xn, self.W_enc, self.b_enc, self.b_dec,
+                                            sel.aux_indices, None, xc=xc)
+            losses.update(auxk_term(self, xn, xn_hat, aux_val, sel.aux_indices))
+        codes = SparseCodes(idx, sel.values, self.n_latents, off)
         return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
 
     def latent_groups(self) -> Tensor:

@@ -18,7 +18,15 @@ Two equal encoders (tests/test_hierarchical.py checks them against each other):
 - "naive": recomputes c = W r with a matmul every step, O(n m d) per step.
 - "gram" (default): c is computed once and updated with rows of the Gram matrix G = W W^T,
   c <- c - a G[j], O(n m) per step. G is rebuilt every training forward (W changes) and cached for
-  inference. benchmarks/mp_gram.py measures the speed-up.
+  inference. At inference the update is in place, in row chunks that keep c in cache, and the
+  atom is picked by `argmax_rows` (blocked, equal to argmax and ~5x faster on CPU; both encoders
+  use it). benchmarks/mp_gram.py measures the speed-up (6-8x with G cached at m = 4096, d = 768).
+Hierarchy on the synthetic forest (measured, tests/test_hierarchical.py): at L0 2 MP-SAE learns
+merged parent+child atoms (cosine ~0.87 = 1.5/sqrt(3) with both true directions) and no separate
+parent atom, so it absorbs nearly always (0.97-0.99; TopK 0.72-0.79) whatever the hierarchy readout:
+absorption only asks which latents fire. This is the regime of the OpenReview caveat in
+hier_papers.md (the claim depends on parent and child magnitudes varying independently and on
+the geometry); with k=2 steps, merged atoms are also what explains two active parent+child pairs.
 
 Choices where the sources differ: non-negative selection (argmax of relu(c), as the synthetic code;
 `nonneg=false` gives overcomplete's signed argmax); a fixed number of steps (the synthetic code's
@@ -59,11 +67,35 @@ class MPConfig(SAEConfig):
             raise HsaeError("mp: revive_coef must be >= 0")
 
 
+ARGMAX_BLOCK = 64
+# Correlations (rows x atoms) updated at once by the in-place Gram encoder.
+GRAM_CHUNK_ELEMENTS = 1 << 22
+
+
+def argmax_rows(c: Tensor, block: int = ARGMAX_BLOCK) -> Tensor:
+    """`c.argmax(dim=1)` (the first maximal index of each row), computed in two passes: the
+    maxima of blocks of `block` columns (a vectorised reduction), then the argmax inside the
+    winning block. On CPUs torch's argmax over long rows does not vectorise and was most of a
+    matching-pursuit step's time (6.7 ms of ~10 at 1024 x 4096; this takes 1.4 ms). Ties and
+    the first-index rule are the same as argmax's."""
+    n, m = c.shape
+    nb = m // block
+    if nb < 2 or c.device.type != "cpu":  # GPUs' argmax is already a parallel reduction
+        return c.argmax(dim=1)
+    bmax = c[:, :nb * block].unflatten(1, (nb, block)).amax(dim=2)
+    if nb * block < m:
+        bmax = torch.cat([bmax, c[:, nb * block:].amax(dim=1, keepdim=True)], 1)
+    pos = (bmax.argmax(dim=1) * block)[:, None] + torch.arange(block, device=c.device)
+    pos = pos.clamp_max_(m - 1)  # the short last block repeats its last column (after it: no effect)
+    return pos.gather(1, c.gather(1, pos).argmax(dim=1, keepdim=True)).squeeze(1)
+
+
 def _select(c: Tensor, nonneg: bool) -> tuple[Tensor, Tensor]:
     """Index of the chosen atom per row and its correlation (clamped at 0 when nonneg)."""
     # argmax(relu(c)) = argmax(c) whenever a positive correlation exists; otherwise the step is a
     # no-op (coefficient 0) whichever atom is named, so one pass over c suffices.
-    j = c.argmax(dim=1)
+    with torch.no_grad():
+        j = argmax_rows(c.detach())
     a = c.gather(1, j[:, None]).squeeze(1)
     return j, (a.clamp_min(0) if nonneg else a)
 
@@ -87,19 +119,41 @@ def mp_gram(xc: Tensor, W: Tensor, k: int, nonneg: bool = True, G: Tensor | None
     """Matching pursuit, Gram form: c_{t+1} = c_t - a G[j] with G = W W^T. Returns indices, coefficients."""
     G = W @ W.T if G is None else G
     inplace = not (torch.is_grad_enabled() and (xc.requires_grad or W.requires_grad or G.requires_grad))
-    diag = G.diagonal()
-    c = xc @ W.T
-    idx, val = [], []
-    for _ in range(k):
-        j, a = _select(c, nonneg)
-        a = a / diag[j]
-        if inplace:  # inference: update the correlations in place, no temporaries beyond G[j]
-            c.addcmul_(G.index_select(0, j), a[:, None], value=-1)
-        else:
+    if not inplace:
+        diag = G.diagonal()
+        c = xc @ W.T
+        idx, val = [], []
+        for _ in range(k):
+            j, a = _select(c, nonneg)
+            a = a / diag[j]
             c = c - a[:, None] * G.index_select(0, j)
-        idx.append(j)
-        val.append(a)
-    return torch.stack(idx, 1), torch.stack(val, 1)
+            idx.append(j)
+            val.append(a)
+        return torch.stack(idx, 1), torch.stack(val, 1)
+    # inference: the correlations are updated in place, in row chunks small enough that the
+    # correlations and the gathered rows of G stay in cache across the k steps (measured at
+    # n = 4096, m = 4096: 1.08 s unchunked, 0.72 s in chunks of 1024 rows)
+    G = G.contiguous()
+    diag = G.diagonal().contiguous()
+    n, m = xc.shape[0], G.shape[0]
+    idx = torch.empty(n, k, dtype=torch.long, device=xc.device)
+    val = torch.empty(n, k, dtype=G.dtype, device=xc.device)
+    step = max(1, GRAM_CHUNK_ELEMENTS // max(1, m))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        c = xc[lo:hi] @ W.T
+        rows = torch.empty_like(c)
+        for t in range(k):
+            j = argmax_rows(c)
+            a = c.gather(1, j[:, None])
+            if nonneg:
+                a.clamp_min_(0)
+            a.div_(diag.index_select(0, j)[:, None])
+            torch.index_select(G, 0, j, out=rows)
+            c.addcmul_(rows, a, value=-1)
+            idx[lo:hi, t] = j
+            val[lo:hi, t] = a.squeeze(1)
+    return idx, val
 
 
 def merge_repeats(idx: Tensor, val: Tensor) -> Tensor:
@@ -179,4 +233,4 @@ class MPSAE(SAE):
         return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
 
 
-__all__ = ["MPConfig", "MPSAE", "mp_naive", "mp_gram", "merge_repeats"]
+__all__ = ["MPConfig", "MPSAE", "mp_naive", "mp_gram", "merge_repeats", "argmax_rows"]
