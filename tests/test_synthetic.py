@@ -31,3 +31,14 @@ def test_source_is_deterministic_per_step():
     torch.testing.assert_close(a[2], b)
     assert not torch.equal(a[0], a[1])
     torch.testing.assert_close(src.sample(8), src.sample(8))
+
+
+def test_forest_is_not_the_init_of_a_model_with_the_same_seed():
+    """The forest's directions must not be what torch.manual_seed(seed) + randn gives a model."""
+    from hsae.eval.groundtruth import mean_best_cosine
+    from hsae.models.topk import TopKConfig, TopKSAE
+
+    forest = SyntheticForest(SyntheticConfig(seed=0))
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(arch="topk", d_in=96, n_latents=512, k=4))
+    assert mean_best_cosine(sae.W_dec, forest.directions) < 0.6

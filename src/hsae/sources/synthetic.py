@@ -25,6 +25,9 @@ from hsae.config import to_dict
 from hsae.errors import HsaeError
 
 
+_FOREST_STREAM = 0x5EED
+
+
 @dataclass
 class SyntheticConfig:
     d_in: int = 96
@@ -67,7 +70,9 @@ class SyntheticForest:
     def __init__(self, config: SyntheticConfig):
         config.validate()
         self.config = config
-        gen = torch.Generator().manual_seed(config.seed)
+        # A stream distinct from torch.manual_seed(seed): with the plain seed, a model initialised
+        # with the same seed would start with the true directions as its decoder rows.
+        gen = _generator(config.seed, _FOREST_STREAM)
         d = config.d_in
         directions: list[Tensor] = []
         parents: list[int] = []
