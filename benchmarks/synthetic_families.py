@@ -14,10 +14,9 @@ latent silent while the child's fires, on samples where both true features are o
 precision/recall/F1 of the reported parent->child edges against the true ones (latents mapped to
 true features by best decoder cosine). Families without a built-in tree report the forest that
 post-hoc extraction (hsae.interpret.forest, default thresholds) finds on a separate sample.
-Seeds: the forest is drawn with torch.Generator().manual_seed(--seed).randn and each model's init
-with randn after torch.manual_seed(train seed); with equal seeds every model would start with the
-true root directions (and the children's random parts) as decoder rows, so the training seed is
---seed + 1 unless given (and may not equal --seed).
+Seeds: the model's init uses --train-seed (default --seed + 1). The forest once came from
+torch.Generator().manual_seed(--seed), the very numbers a model seeded alike draws at init, so models
+started at the truth; it now draws from a stream of its own, and equal seeds are still refused.
 Note on "recovered": the synthetic children have cosine 0.5 with their parent; a model that learns a
 parent latent plus the child's orthogonal offset (cosine 0.87 with the child) fires correctly but
 does not count the child as recovered at the 0.9 threshold.

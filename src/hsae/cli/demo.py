@@ -26,7 +26,7 @@ def demo(
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Tokens to evaluate on"),
 ) -> None:
     """Harvest MiniLM + WordNet, train an SAE, evaluate it and print its forest (resumable)."""
-    from hsae.cli._common import quiet_transformers
+    from hsae.cli._common import harvest_bar, quiet_transformers
     from hsae.config import TrainConfig, from_dict
     from hsae.models import get_family
     from hsae.sources.hf import DEFAULT_HOOK, Harvester, load_model
@@ -38,7 +38,9 @@ def demo(
     store_dir, model_dir = out / "store", out / arch
     typer.echo(f"[1/4] harvest {tokens} tokens of MiniLM {DEFAULT_HOOK} on WordNet -> {store_dir}")
     # Resumes a partial store; a complete one is returned as it is.
-    harvest_to_store(store_dir, Harvester(load_model(None), [DEFAULT_HOOK]), open_corpus("wordnet"), tokens=tokens)
+    with harvest_bar(tokens) as progress:
+        harvest_to_store(store_dir, Harvester(load_model(None), [DEFAULT_HOOK]), open_corpus("wordnet"),
+                         tokens=tokens, progress=progress)
     store = ActivationStore.open(store_dir)
 
     typer.echo(f"[2/4] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")

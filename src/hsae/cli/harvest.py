@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from hsae.cli import app
-from hsae.cli._common import quiet_transformers
+from hsae.cli._common import harvest_bar, quiet_transformers
 from hsae.sources.hf import DEFAULT_BATCH_TOKENS, DEFAULT_HOOK, DEFAULT_SORT_WINDOW
 
 
@@ -59,26 +58,11 @@ def harvest(
         keep_special=keep_special,
         sort_window=sort_window,
     )
-    columns = (
-        TextColumn("harvest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("harvest", total=tokens)
+    with harvest_bar(tokens, console) as progress:
         store = harvest_to_store(
-            out,
-            harvester,
-            documents,
-            tokens=tokens,
-            dtype=dtype,
-            shard_rows=shard_rows,
-            progress=lambda done, total: bar.update(task, completed=done),
+            out, harvester, documents, tokens=tokens, dtype=dtype, shard_rows=shard_rows, progress=progress
         )
-        bar.update(task, completed=store.total_rows)
+        progress(store.total_rows, tokens)
     note = "" if store.total_rows == tokens else f" (the corpus ended before {tokens})"
     console.print(
         f"{store.total_rows} rows{note} of {', '.join(store.hooks)} (width {store.d_in}, {dtype}) "
