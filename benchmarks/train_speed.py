@@ -97,7 +97,8 @@ class DeadTracker:
 
 def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_dtype: str = "float32", name: str | None = None) -> Runner:
     fam = get_family(arch)
-    cfg = fam.config_class(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, input_scale=scale, compute_dtype=compute_dtype)
+    extra = {} if compute_dtype == "float32" else {"compute_dtype": compute_dtype}  # mp has no such option
+    cfg = fam.config_class(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, input_scale=scale, **extra)
     cfg.validate()
     torch.manual_seed(0)
     model = fam.from_config(cfg)
@@ -224,7 +225,7 @@ def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per family (after 2 warm-up steps)")
-    ap.add_argument("--families", default="dense,sparsify,topk,batchtopk,topk-bf16",
+    ap.add_argument("--families", default="dense,sparsify,topk,batchtopk,matryoshka,topk-bf16",
                     help="comma list of: dense, sparsify, topk, batchtopk, topk-bf16, batchtopk-bf16")
     ap.add_argument("--quick", action="store_true", help="8 timed steps")
     ap.add_argument("--adam", choices=["fused", "foreach", "default"], default="fused",
@@ -267,6 +268,8 @@ def main() -> None:
         "sparsify": lambda: sparsify_runner(scale, b_dec, args),
         "topk": lambda: hsae_runner("topk", scale, b_dec, args),
         "batchtopk": lambda: hsae_runner("batchtopk", scale, b_dec, args),
+        "matryoshka": lambda: hsae_runner("matryoshka", scale, b_dec, args),
+        "mp": lambda: hsae_runner("mp", scale, b_dec, args),
         "topk-bf16": lambda: hsae_runner("topk", scale, b_dec, args, compute_dtype="bfloat16", name="topk (bf16 matmul)"),
         "batchtopk-bf16": lambda: hsae_runner("batchtopk", scale, b_dec, args, compute_dtype="bfloat16",
                                               name="batchtopk (bf16 matmul)"),
