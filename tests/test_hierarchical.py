@@ -307,8 +307,14 @@ CLAIMANTS = [
         reason="MP-SAE learns merged parent+child atoms here (cosine 0.87 with both, no separate parent "
                "atom): absorption 0.97-0.99", strict=False)),
     pytest.param("h-sae", 60, 1, {"m_low": 4, "subspace_dim": 3}, id="h-sae", marks=pytest.mark.xfail(
-        reason="H-SAE's top latents learn merged parent+child directions (absorption 0.8-0.95 after 300 steps)",
-        strict=False)),
+        reason="H-SAE at k=1 (TopK's L0) spends each expert's one child slot on a second root, since a third "
+               "of samples carry two; roots split over top latents (absorption 0.80-0.99, edge F1 0.06-0.24; "
+               "see the h-sae module docstring)", strict=False)),
+    # Measured, not hidden: with beta=1 (paper 0.1) edge F1 beats TopK on seeds 1-3 (0.41-0.46) but absorption
+    # (0.66-0.76) clears TopK - 0.05 on seeds 2 and 3 only.
+    pytest.param("h-sae", 60, 1, {"m_low": 4, "subspace_dim": 3, "beta": 1.0}, id="h-sae-beta1",
+                 marks=pytest.mark.xfail(reason="absorption above TopK - 0.05 on seed 1 (0.76 vs 0.74)",
+                                         strict=False)),
     pytest.param("tree", 64, 2, {}, id="tree", marks=pytest.mark.xfail(
         reason="Tree SAE's randomly allocated children stay dead under the gate at k=2 and are reset to the "
                "root at 51% of the run, so the learned tree is nearly flat (edge F1 0-0.15)", strict=False)),
