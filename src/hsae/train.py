@@ -196,12 +196,14 @@ class Trainer:
     def _restore(self, model: SAE, opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         params = dict(model.named_parameters())
+        # Fused Adam keeps its step counter on the parameters' device; the default one on the CPU.
+        step_device = self.device if opt.param_groups[0].get("fused") else torch.device("cpu")
         for name, p in params.items():
             st = {}
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 t = tensors.get(f"optim.{name}.{key}")
                 if t is not None:
-                    st[key] = t.reshape(()) if key == "step" else t.to(self.device)
+                    st[key] = t.reshape(()).to(step_device) if key == "step" else t.to(self.device)
             if st:
                 opt.state[p] = st
         torch.set_rng_state(tensors["trainer.rng"])
