@@ -133,3 +133,11 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"sae": {"arch": "topk", "d_in": 4, "n_latents": 8, "k": 2}}')
     with pytest.raises(HsaeError, match="weights.safetensors"):
         hsae.load(tmp_path)
+
+
+def test_bounds_from_fractions():
+    from hsae.models.partition import bounds_from_fractions
+
+    assert bounds_from_fractions(512, [0.25, 0.75]) == [0, 128, 512]
+    assert bounds_from_fractions(100, [1, 1, 2]) == [0, 25, 50, 100]
+    assert bounds_from_fractions(3, [0.01, 0.99]) == [0, 3]  # a group that rounds to nothing vanishes

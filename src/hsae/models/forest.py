@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.models import register
+from hsae.models.partition import bounds_from_fractions
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes
 from hsae.models.jumprelu import _JumpReLU, _Step
@@ -90,14 +91,7 @@ class ForestConfig(SAEConfig):
             raise HsaeError("forest: rho >= 0 and hierarchy_every >= 1 are needed")
 
     def level_bounds(self) -> list[int]:
-        total = sum(self.level_fractions)
-        cuts, acc = [0], 0.0
-        for f in self.level_fractions[:-1]:
-            acc += f / total
-            cut = int(round(acc * self.n_latents))
-            if cuts[-1] < cut < self.n_latents:
-                cuts.append(cut)
-        return cuts + [self.n_latents]
+        return bounds_from_fractions(self.n_latents, self.level_fractions)
 
 
 @register("forest")

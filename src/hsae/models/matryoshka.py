@@ -38,6 +38,7 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.models import register
+from hsae.models.partition import bounds_from_fractions
 from hsae.models.base import StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
@@ -68,14 +69,7 @@ class MatryoshkaConfig(BatchTopKConfig):
             raise HsaeError("min_prefix must be between 1 and n_latents-1")
 
     def fixed_bounds(self) -> list[int]:
-        total = sum(self.group_fractions)
-        cuts, acc = [0], 0.0
-        for f in self.group_fractions[:-1]:
-            acc += f / total
-            cut = int(round(acc * self.n_latents))
-            if cut > cuts[-1] and cut < self.n_latents:
-                cuts.append(cut)
-        return cuts + [self.n_latents]
+        return bounds_from_fractions(self.n_latents, self.group_fractions)
 
 
 @register("matryoshka")

@@ -64,6 +64,7 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.models import register
+from hsae.models.partition import bounds_from_fractions
 from hsae.models.base import SAEOutput, StepContext
 from hsae.models.codes import SparseCodes
 from hsae.models.kernels import sparse_decode
@@ -114,14 +115,7 @@ class TreeConfig(TopKConfig):
             raise HsaeError(f"layer_fractions {self.layer_fractions} leave a layer empty at n_latents {self.n_latents}")
 
     def layer_bounds(self) -> list[int]:
-        total = sum(self.layer_fractions)
-        cuts, acc = [0], 0.0
-        for f in self.layer_fractions[:-1]:
-            acc += f / total
-            cut = int(round(acc * self.n_latents))
-            if cuts[-1] < cut < self.n_latents:
-                cuts.append(cut)
-        return cuts + [self.n_latents]
+        return bounds_from_fractions(self.n_latents, self.layer_fractions)
 
 
 def gate_codes(idx: Tensor, val: Tensor, parents: Tensor, layer: Tensor, n_layers: int) -> Tensor:

@@ -1,0 +1,21 @@
+"""Splitting a dictionary into consecutive groups (Matryoshka prefixes, forest levels, tree layers)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def bounds_from_fractions(n_latents: int, fractions: Sequence[float]) -> list[int]:
+    """Cut points [0, c1, ..., n_latents] of groups sized in proportion to `fractions`.
+
+    A cut that rounds onto a previous one or onto the end is dropped, so a group too small for
+    `n_latents` vanishes; callers compare the number of groups with the number of fractions.
+    """
+    total = sum(fractions)
+    cuts, acc = [0], 0.0
+    for f in fractions[:-1]:
+        acc += f / total
+        cut = int(round(acc * n_latents))
+        if cuts[-1] < cut < n_latents:
+            cuts.append(cut)
+    return cuts + [n_latents]
