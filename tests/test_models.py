@@ -141,3 +141,9 @@ def test_bounds_from_fractions():
     assert bounds_from_fractions(512, [0.25, 0.75]) == [0, 128, 512]
     assert bounds_from_fractions(100, [1, 1, 2]) == [0, 25, 50, 100]
     assert bounds_from_fractions(3, [0.01, 0.99]) == [0, 3]  # a group that rounds to nothing vanishes
+
+
+def test_group_of_latents():
+    from hsae.models.partition import group_of_latents
+
+    assert group_of_latents([0, 2, 5]).tolist() == [0, 0, 1, 1, 1]

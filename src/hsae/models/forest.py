@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.partition import bounds_from_fractions
+from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes
 from hsae.models.jumprelu import _JumpReLU, _Step
@@ -101,11 +101,7 @@ class ForestSAE(SAE):
 
     def __init__(self, config: ForestConfig):
         super().__init__(config)
-        bounds = config.level_bounds()
-        level = torch.zeros(config.n_latents, dtype=torch.long)
-        for lv, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            level[lo:hi] = lv
-        self.register_buffer("level", level)
+        self.register_buffer("level", group_of_latents(config.level_bounds()))
         self.register_buffer("sparsity_coefs", torch.full((self.n_levels,), float(config.sparsity_coef)))
         self.log_threshold = nn.Parameter(torch.full((config.n_latents,), math.log(config.threshold_init)))
 

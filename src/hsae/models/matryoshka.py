@@ -38,7 +38,7 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.partition import bounds_from_fractions
+from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
@@ -171,7 +171,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def latent_groups(self) -> Tensor:
         """Group index of each latent under the fixed groups."""
         b = self.config.fixed_bounds()
-        return torch.bucketize(torch.arange(self.n_latents), torch.tensor(b[1:-1]), right=True)
+        return group_of_latents(b)
 
 
 __all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]

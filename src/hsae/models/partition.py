@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 
 def bounds_from_fractions(n_latents: int, fractions: Sequence[float]) -> list[int]:
     """Cut points [0, c1, ..., n_latents] of groups sized in proportion to `fractions`.
@@ -19,3 +21,9 @@ def bounds_from_fractions(n_latents: int, fractions: Sequence[float]) -> list[in
         if cuts[-1] < cut < n_latents:
             cuts.append(cut)
     return cuts + [n_latents]
+
+
+def group_of_latents(bounds: Sequence[int]) -> torch.Tensor:
+    """The group index of every latent, LongTensor (bounds[-1],), from cut points [0, ..., n]."""
+    sizes = torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
+    return torch.arange(len(sizes)).repeat_interleave(sizes)

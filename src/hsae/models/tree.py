@@ -64,7 +64,7 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.partition import bounds_from_fractions
+from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import SAEOutput, StepContext
 from hsae.models.codes import SparseCodes
 from hsae.models.kernels import sparse_decode
@@ -159,10 +159,7 @@ class TreeSAE(TopKSAE):
     def __init__(self, config: TreeConfig):
         super().__init__(config)
         bounds = config.layer_bounds()
-        layer = torch.zeros(config.n_latents, dtype=torch.long)
-        for lv, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            layer[lo:hi] = lv
-        self.register_buffer("layer", layer)
+        self.register_buffer("layer", group_of_latents(bounds))
         # capacity[-1] is the root's
         self.register_buffer("capacity", torch.zeros(config.n_latents + 1))
         self.register_buffer("next_realloc", torch.tensor(-1, dtype=torch.long))
