@@ -112,7 +112,9 @@ def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_d
         ctx = StepContext(step=i, total_steps=args.total_steps, dead_mask=dead.mask())
         opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are not kept through it
         out = model(x, ctx)
-        out.loss.backward()
+        loss = out.loss
+        out.x_hat = None  # as the trainer: the reconstruction is not held through the backward
+        loss.backward()
         model.remove_parallel_decoder_grad()
         opt.step()
         model.normalize_decoder()

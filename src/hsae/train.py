@@ -271,6 +271,12 @@ class Trainer:
                     )
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg, base_lr)
+                done = step + 1
+                log_now = done % cfg.log_every == 0 or done == cfg.steps
+                # The reconstruction is not held through the backward (one (n, d_in) tensor less at
+                # the step's peak): what the log needs of it is measured first.
+                step_fvu = fvu(x, out.x_hat.detach()) if log_now else None
+                out.x_hat = None
                 loss.backward()
                 model.remove_parallel_decoder_grad()
                 if cfg.grad_clip_norm:
@@ -283,9 +289,8 @@ class Trainer:
                 since_fired += x.shape[0] * self.dist.world_size
                 since_fired[fired] = 0
                 tokens += x.shape[0] * self.dist.world_size
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    row = self._metrics(done, x, out, dead, opt, tokens / (time.perf_counter() - t0))
+                if log_now:
+                    row = self._metrics(done, step_fvu, out, dead, opt, tokens / (time.perf_counter() - t0))
                     if metrics_fh is not None:
                         metrics_fh.write(json.dumps(row) + "\n")
                         metrics_fh.flush()
@@ -311,13 +316,13 @@ class Trainer:
                 wandb_run.finish()
         return model.eval()
 
-    def _metrics(self, step, x, out, dead, opt, tokens_per_s) -> dict[str, Any]:
+    def _metrics(self, step, step_fvu, out, dead, opt, tokens_per_s) -> dict[str, Any]:
         with torch.no_grad():
             row = {
                 "step": step,
                 "loss": float(out.loss),
                 **{f"loss/{k}": float(v) for k, v in out.losses.items()},
-                "fvu": fvu(x, out.x_hat),
+                "fvu": step_fvu,
                 "l0": float(l0_per_row(out.codes).mean()),
                 "dead_fraction": float(dead.float().mean()),
                 "lr": opt.param_groups[0]["lr"],

@@ -22,8 +22,10 @@ Groups (choices, where the papers leave room):
   not implemented; his ReLU + cumulative L1 activation is not used (this family is BatchTopK).
 - Inference: BatchTopK's learned global threshold (or `encode(x, k=...)` for per-token TopK).
 
-Training takes the sparse path of hsae.models.kernels (issue 6), as TopK and BatchTopK do: no
-(n, n_latents) tensor enters autograd; the extra cost over BatchTopK is one sparse decode per group.
+Training takes the sparse path (issue 6), as TopK and BatchTopK do: the selection of
+hsae.models.kernels, then one fused step (hsae.models.prefix_step) for the prefix losses, AuxK and
+all gradients; no (n, n_latents) tensor enters autograd, and the extra cost over BatchTopK is one
+more sparse decode and a few (n, d_in) passes per group.
 
 There is no built-in tree: `hierarchy()` returns the forest found post hoc (hsae.interpret.forest;
 `hsae tree DIR --data ... --save`), all -1 until then.
@@ -42,8 +44,9 @@ from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
-from hsae.models.kernels import sparse_decode, sparse_encoder_values
-from hsae.models.topk import TopKSAE, aux_plan, auxk_term
+from hsae.models.kernels import sparse_decode
+from hsae.models.prefix_step import sparse_prefix_step
+from hsae.models.topk import TopKSAE, aux_plan
 
 
 @dataclass
@@ -147,26 +150,29 @@ class MatryoshkaSAE(BatchTopKSAE):
     def _forward_sparse(self, x: Tensor, ctx: StepContext | None):
         """The training step without (n, n_latents) tensors in autograd, as TopKSAE.forward: the
         batch-wide top-(k n) selection runs on chunked pre-activations without autograd
-        (BatchTopKSAE._select_sparse), the selected values get their encoder gradients through
-        `sparse_encoder_values` (sparse backward), and the prefix reconstructions and AuxK are
-        sparse decodes. Same codes, losses and gradients as the dense formulation
-        (tests/test_hierarchical.py checks them)."""
+        (BatchTopKSAE._select_sparse), then one custom autograd function
+        (`prefix_step.sparse_prefix_step`) decodes group by group, forms every prefix's loss and
+        AuxK, and writes the four parameter gradients through the selected entries. Same codes,
+        losses and gradients as the dense formulation (tests/test_hierarchical.py checks them)."""
         from hsae.models.base import SAEOutput
 
-        xn = self.scale_in(x)
+        if x.dim() != 2 or x.shape[-1] != self.d_in:
+            self.scale_in(x)  # raises the shape error
         x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
         dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
         sel = self._select_sparse(x, dead_cols, k_aux)
-        xc = xn - self.b_dec.detach()
-        idx, off = sel.indices, sel.offsets
-        val = sparse_encoder_values(sel.values, xn, self.W_enc, self.b_enc, self.b_dec, idx, off, xc=xc)
-        xn_hat, losses = self._prefix_losses(xn, idx, val, off)
-        if sel.aux_values is not None:
-            aux_val = sparse_encoder_values(sel.aux_values, xn, self.W_enc, self.b_enc, self.b_dec,
-                                            sel.aux_indices, None, xc=xc)
-            losses.update(auxk_term(self, xn, xn_hat, aux_val, sel.aux_indices))
-        codes = SparseCodes(idx, sel.values, self.n_latents, off)
-        return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
+        bounds = self.group_bounds()
+        x_hat, mse, prefix_mse, auxk = sparse_prefix_step(
+            x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel, bounds,
+            self.config.aux_coef,
+        )
+        losses = {"mse": mse}
+        if len(bounds) > 2:
+            losses["prefix_mse"] = prefix_mse
+        if auxk is not None:
+            losses["auxk"] = auxk
+        codes = SparseCodes(sel.indices, sel.values, self.n_latents, sel.offsets)
+        return SAEOutput(x_hat=x_hat, codes=codes, losses=losses)
 
     def latent_groups(self) -> Tensor:
         """Group index of each latent under the fixed groups."""

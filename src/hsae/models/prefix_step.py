@@ -1,0 +1,207 @@
+"""The sparse Matryoshka training step: nested-prefix reconstruction losses through the active
+latents only, in one autograd function (issue 6: Matryoshka within 1.3x of TopK's step).
+
+Latents are split into groups [b_0, b_1), [b_1, b_2), ... by `bounds`. With R_g the reconstruction of
+group g's active entries (normalised units) and E_i = b_dec + R_0 + ... + R_i - xn the error of
+prefix i, the losses are
+
+    mse = |E_last|^2 / n,   prefix_mse = sum_{i < last} |E_i|^2 / n,   auxk as in the TopK step.
+
+Forward: the code entries are put in group-major order once (a stable sort by group keeps rows in
+order inside a group), each group is decoded with one `embedding_bag` and added to the running error
+E, whose squared norm is that prefix's loss. Only E, the reconstruction and the AuxK buffer are
+(n, d)-sized; the per-group reconstructions are not kept.
+
+Backward: d loss / d R_g = sum_{i >= g} w_i 2 E_i / n (w_i the incoming gradient of the loss that
+holds prefix i), a suffix sum, so the groups are walked from the last to the first, accumulating S
+and recovering E_{g-1} = E_g - R_g by decoding group g again (one more sparse decode in all). All
+entries (codes and AuxK) are sorted by latent once; because a group is a contiguous range of
+latents, group g's entries are a contiguous slice of that order, so its rows of grad W_dec (a segment
+sum) and its entries' value gradients (sampled dot products) are taken against the current S in one
+slice. AuxK entries in the slice read their own bags (n + r, the AuxK gradient), so each entry is
+handled exactly once with the gradient that belongs to it. The encoder gradients then follow exactly
+as in `kernels._SparseTopKStep` (grad W_enc block by block in its own layout, from the raw batch).
+
+tests/test_hierarchical.py checks losses and all gradients against the dense formulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hsae.models.kernels import TopKSelection, _group_by_latent, _segment_sum_transposed, _selection_entries
+
+
+def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) -> Tensor:
+    """Rows of sum_e vals[e] * W_dec[cols[e]] for the CSR bags `offsets` over entries starting at p0."""
+    return F.embedding_bag(cols, W_dec, offsets - p0, mode="sum", per_sample_weights=vals, include_last_offset=True)
+
+
+# Rows decoded at once when a group's reconstruction is added to the running error: the temporary
+# stays small instead of (n, d) (peak memory of the backward, where E, S and grad W_dec are live).
+_ADD_ROWS = 512
+
+
+def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, alpha: float) -> None:
+    """E += alpha * (decoded bags), bags given by the CSR pointer `offsets` (n + 1,) into cols/vals,
+    in row blocks."""
+    n = E.shape[0]
+    if E.device.type != "cpu" or n <= _ADD_ROWS:
+        p0 = int(offsets[0])
+        E.add_(_bag(cols[p0 : int(offsets[-1])], vals[p0 : int(offsets[-1])], W_dec, offsets, p0), alpha=alpha)
+        return
+    cuts = offsets[::_ADD_ROWS].tolist() + ([int(offsets[-1])] if n % _ADD_ROWS else [])
+    for blk, r0 in enumerate(range(0, n, _ADD_ROWS)):
+        r1 = min(n, r0 + _ADD_ROWS)
+        p0, p1 = cuts[blk], cuts[blk + 1]
+        if p1 > p0:
+            E[r0:r1].add_(_bag(cols[p0:p1], vals[p0:p1], W_dec, offsets[r0 : r1 + 1], p0), alpha=alpha)
+
+
+# Latents per block when a group's rows of grad W_dec are written: the segment sum's (block, d)
+# result is a small temporary instead of one as large as the group (the loop is the step's peak).
+_WDEC_BLOCK = 512
+
+
+def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor) -> None:
+    """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]], for latents lo..hi-1,
+    entries sorted by latent with CSR pointer `ptr` (n_latents + 1,)."""
+    step = hi - lo if out.device.type != "cpu" else _WDEC_BLOCK
+    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
+    for blk, j0 in enumerate(range(lo, hi, step)):
+        j1 = min(hi, j0 + step)
+        p0, p1 = cuts[blk], cuts[blk + 1]
+        out[j0:j1] = F.embedding_bag(rows[p0:p1], table, ptr[j0 : j1 + 1] - p0, mode="sum",
+                                     per_sample_weights=weights[p0:p1], include_last_offset=True)
+
+
+class _SparsePrefixStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, n_code, bounds, aux_coef):  # type: ignore[override]
+        n, d = x.shape
+        n_bags = bag_offsets.numel() - 1
+        n_groups = len(bounds) - 1
+        device = cols.device
+        # Group-major order of the code entries (rows stay in order within a group).
+        code_cols, code_vals = cols[:n_code], vals[:n_code]
+        rows = torch.arange(n, device=device).repeat_interleave(bag_offsets[: n + 1].diff(), output_size=n_code)
+        inner = torch.tensor(bounds[1:-1], dtype=code_cols.dtype, device=device)
+        gid = torch.bucketize(code_cols, inner, right=True)
+        perm = torch.sort(gid.to(torch.int32), stable=True).indices
+        group_cols, group_vals = code_cols[perm], code_vals[perm]
+        goff = torch.zeros(n_groups * n + 1, dtype=torch.long, device=device)
+        torch.cumsum(torch.bincount(gid * n + rows, minlength=n_groups * n), 0, out=goff[1:])
+        del rows, gid, perm
+        starts = goff[::n].tolist()  # entry position where each group begins (and the end)
+
+        E = torch.mul(x, -scale).add_(b_dec)  # the error of the empty prefix: b_dec - xn
+        losses = []
+        for g in range(n_groups):
+            if starts[g + 1] > starts[g]:
+                _add_group_(E, group_cols, group_vals, W_dec, goff[g * n : (g + 1) * n + 1], 1.0)
+            flat = E.reshape(-1)
+            losses.append(torch.dot(flat, flat) / max(1, n))
+        mse = losses[-1]
+        prefix = torch.stack(losses[:-1]).sum() if n_groups > 1 else torch.zeros((), dtype=E.dtype, device=device)
+        x_hat = torch.add(x, E, alpha=1 / scale)
+
+        # Gradient buffer: bags 0..n-1 hold S in the backward, bags n.. the AuxK error.
+        G = torch.empty(n_bags, d, dtype=E.dtype, device=device)
+        if n_bags > n:
+            a0 = int(bag_offsets[n])
+            A = G[n:]
+            A.copy_(_bag(cols[a0:], vals[a0:], W_dec, bag_offsets[n:], a0))
+            A.add_(E)  # the dead latents' reconstruction minus the live residual xn - xn_hat = -E
+            flat = A.reshape(-1)
+            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+        else:
+            aux = torch.zeros((), dtype=E.dtype, device=device)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff)
+        ctx.E, ctx.G = E, G  # not saved: the backward overwrites them in place
+        ctx.scale, ctx.aux_coef, ctx.bounds, ctx.starts = scale, aux_coef, bounds, starts
+        return x_hat, mse, prefix, aux
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_mse, g_prefix, g_aux):  # type: ignore[override]
+        E, G = ctx.E, ctx.G
+        if E is None:
+            raise RuntimeError("the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)")
+        ctx.E = ctx.G = None
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff = ctx.saved_tensors
+        need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
+        n, d = x.shape
+        m = W_dec.shape[0]
+        n_bags = bag_offsets.numel() - 1
+        s, bounds, starts = ctx.scale, ctx.bounds, ctx.starts
+        n_groups = len(bounds) - 1
+
+        S = G[:n]
+        if g_xhat is None:
+            S.zero_()
+        else:
+            torch.mul(g_xhat, 1 / s, out=S)
+        if n_bags > n:
+            if g_aux is None:
+                G[n:].zero_()
+            else:
+                G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
+        bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
+        order, ptr = _group_by_latent(cols, m)
+        cols_s, bags_s, vals_s = cols[order], bags[order], vals[order]
+        del bags, order
+        cut = ptr[torch.tensor(bounds, device=ptr.device)].tolist()  # where each group's latents begin
+        grad_wd = torch.empty_like(W_dec) if need_wd else None
+        gv = torch.empty(cols_s.numel(), dtype=G.dtype, device=G.device)
+        two_over_n = 2.0 / max(1, n)
+        for g in reversed(range(n_groups)):
+            w = g_mse if g == n_groups - 1 else g_prefix
+            if w is not None:
+                S.addcmul_(E, w * two_over_n)
+            lo, hi, p0, p1 = bounds[g], bounds[g + 1], cut[g], cut[g + 1]
+            if need_wd:
+                _segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, G, ptr)
+            if p1 > p0:
+                gv[p0:p1] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    G, W_dec, cols_s[p0:p1], bag_offsets[:-1], bags_s[p0:p1], 0, -1)
+            if g > 0:
+                if starts[g + 1] > starts[g]:
+                    _add_group_(E, group_cols, group_vals, W_dec, goff[g * n : (g + 1) * n + 1], -1.0)
+        del E
+        grad_we = grad_be = grad_bd = None
+        if need_bd:
+            grad_bd = S.sum(0)
+        del S, G
+        if not (need_we or need_be or need_bd):
+            return None, None, grad_wd, grad_bd, *([None] * 8)
+        gv.mul_(vals_s > 0)  # ReLU: no gradient where the value was clipped to 0
+        gb = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols_s, gv)
+        if need_be:
+            grad_be = gb
+        if need_bd:
+            grad_bd.addmv_(W_enc, gb, alpha=-1)
+        if need_we:
+            if n_bags > n:
+                bags_s.remainder_(n)  # AuxK bags n + r read token r
+            grad_we = _segment_sum_transposed(bags_s, gv, x, ptr, s, b_dec, gb)
+        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
+
+
+def sparse_prefix_step(
+    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, sel: TopKSelection,
+    bounds: list[int], aux_coef: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(x_hat in raw units, mse, prefix_mse, auxk or None) of the codes selected from x (raw, (n, d))
+    with xn = scale * x and latent groups cut at `bounds` ([0, ..., n_latents]); see the module
+    docstring. All four parameters get their gradients through the selected entries only."""
+    cols, vals, offsets = _selection_entries(sel)
+    n_code = sel.indices.numel()
+    x_hat, mse, prefix, aux = _SparsePrefixStep.apply(
+        W_enc, b_enc, W_dec, b_dec, x, float(scale), cols, vals.to(W_dec.dtype), offsets, n_code,
+        [int(b) for b in bounds], float(aux_coef))
+    return x_hat, mse, prefix, (aux if sel.aux_values is not None else None)
+
+
+__all__ = ["sparse_prefix_step"]
