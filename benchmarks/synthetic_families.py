@@ -1,6 +1,7 @@
 """Train every SAE family on the synthetic forest and report what it recovers, flat and hierarchical.
 
     python benchmarks/synthetic_families.py [--steps 3000] [--families topk,matryoshka,...|all] [--batch-size 1024]
+        [--regime forest|mp-toy] [--synthetic KEY=VALUE ...]
 
 Defaults follow issue 2: d_in=96, 200 true features (40 roots x 4 children), ~512 latents, k=4,
 3000 steps. Penalty families (relu, jumprelu) take k as their L0 target. Per-family settings, chosen
@@ -14,6 +15,11 @@ latent silent while the child's fires, on samples where both true features are o
 precision/recall/F1 of the reported parent->child edges against the true ones (latents mapped to
 true features by best decoder cosine). Families without a built-in tree report the forest that
 post-hoc extraction (hsae.interpret.forest, default thresholds) finds on a separate sample.
+`--regime mp-toy` trains on the MP-SAE paper's toy regime instead (Costa et al. 2025, official tree.json):
+d_in 32, 8 roots x 3 children, one root per sample (exclusive_roots), a child with probability 0.6,
+children orthogonal to their parent, magnitudes 1.5 + 0.25 N(0, 1) (true L0 1.6); use it with e.g.
+--n-latents 64 --k 2 and the family `mp-adaptive` (MP with the official code's data-dependent stop, at
+most k steps). `--synthetic KEY=VALUE` overrides any SyntheticConfig field of either regime.
 Seeds: the model's init uses --train-seed (default --seed + 1). The forest once came from
 torch.Generator().manual_seed(--seed), the very numbers a model seeded alike draws at init, so models
 started at the truth; it now draws from a stream of its own, and equal seeds are still refused.
@@ -30,7 +36,7 @@ import time
 
 import torch
 
-from hsae.config import TrainConfig
+from hsae.config import TrainConfig, from_dict, parse_overrides
 from hsae.eval.core import fvu, mean_l0
 from hsae.eval.groundtruth import mean_best_cosine, recovered_fraction
 from hsae.eval.hierarchy import active_mask, hierarchy_report
@@ -47,11 +53,22 @@ FAMILY_SETTINGS: dict[str, tuple[int | None, int | None, dict]] = {
     "forest": (None, 2, {"level_fractions": [1.0, 3.0]}),
     # the same with TopK inside each level (JumpReLU's L0 controller did not reach its target in 2000 steps)
     "forest-topk": (None, 2, {"level_fractions": [1.0, 3.0], "activation": "topk"}),
+    # MP with the official synthetic code's data-dependent stop (k = the most steps per row)
+    "mp-adaptive": (None, None, {"adaptive_stop": True, "stop_threshold": 0.05}),
+}
+# names that are not an architecture's own
+ARCH_OF = {"forest-topk": "forest", "mp-adaptive": "mp"}
+
+# --regime: the SyntheticConfig fields of each (on top of the dataclass defaults and --seed)
+REGIMES: dict[str, dict] = {
+    "forest": {},
+    "mp-toy": {"d_in": 32, "n_roots": 8, "branching": 3, "p_root": 0.125, "p_child": 0.6, "parent_cos": 0.0,
+               "exclusive_roots": True, "mag_dist": "normal", "mag_mean": 1.5, "mag_std": 0.25},
 }
 
 
 def run_family(name: str, source: SyntheticSource, args: argparse.Namespace) -> dict:
-    arch = name.split("-topk")[0] if name.endswith("-topk") else name
+    arch = ARCH_OF.get(name, name)
     family = get_family(arch)
     n_latents, k, options = FAMILY_SETTINGS.get(name, (None, None, {}))
     sae_cfg = family.config_class(arch=arch, d_in=source.d_in, n_latents=n_latents or args.n_latents,
@@ -94,6 +111,10 @@ def main() -> None:
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of model init and training (default: --seed + 1; never equal to --seed, see below)")
     p.add_argument("--dead-window", type=int, default=200_000)
+    p.add_argument("--regime", choices=sorted(REGIMES), default="forest",
+                   help="the synthetic data: issue 2's forest (default) or the MP-SAE paper's toy (see above)")
+    p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a SyntheticConfig field (repeatable)")
     args = p.parse_args()
     if args.train_seed is None:
         args.train_seed = args.seed + 1
@@ -101,8 +122,9 @@ def main() -> None:
         p.error("--train-seed must differ from --seed: the forest's directions and the models' init would "
                 "be the same random draws")
     names = list(families()) if args.families == "all" else args.families.split(",")
-    source = SyntheticSource(SyntheticConfig(seed=args.seed))
-    print(f"synthetic forest: d_in {source.d_in}, {source.forest.n_features} true features; "
+    synthetic = {**REGIMES[args.regime], "seed": args.seed, **parse_overrides(args.synthetic)}
+    source = SyntheticSource(from_dict(SyntheticConfig, synthetic, what="--synthetic"))
+    print(f"synthetic forest ({args.regime}): d_in {source.d_in}, {source.forest.n_features} true features; "
           f"{args.n_latents} latents, k={args.k}, {args.steps} steps x {args.batch_size}", flush=True)
     header = (f"{'family':<12}{'FVU':>8}{'L0':>7}{'recovered':>11}{'mean cos':>10}{'absorb':>8}"
               f"{'edge P':>8}{'edge R':>8}{'edge F1':>9}  {'tree':<9}{'seconds':>8}")

@@ -221,6 +221,50 @@ def test_mp_gram_gradients_equal_naive():
     assert torch.allclose(grads[0], grads[1], atol=1e-9)
 
 
+@pytest.mark.parametrize("nonneg,threshold", [(True, 0.0), (True, 0.6), (False, 0.6)])
+def test_mp_adaptive_stop(nonneg, threshold):
+    """The official synthetic code's data-dependent stop: a row stops after re-selecting an atom (that
+    step's coefficient still counts), on a zero step, or once ||r|| < threshold ||x||; both encoders agree,
+    with and without gradients, and a stopped row's later slots are 0."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    W /= W.norm(dim=1, keepdim=True)
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    opts = {"adaptive_stop": True, "stop_threshold": threshold}
+    i_n, v_n, r = mp_naive(x, W, 10, nonneg, **opts)
+    with torch.no_grad():
+        i_g, v_g = mp_gram(x, W, 10, nonneg, **opts)
+    assert torch.equal(i_n, i_g)
+    assert torch.allclose(v_n, v_g, atol=1e-10)
+    dense = torch.zeros(30, 40, dtype=torch.float64).scatter_add(1, i_n, v_n)
+    assert torch.allclose(x - dense @ W, r, atol=1e-10)
+    i_f, v_f, _ = mp_naive(x, W, 10, nonneg)  # fixed steps: the same until a row stops
+    stopped_any = False
+    for row in range(30):
+        live = v_n[row] != 0
+        t = int(live.sum())  # steps taken (no live step has coefficient exactly 0)
+        assert live[:t].all() and not live[t:].any()
+        assert torch.equal(i_n[row, :t], i_f[row, :t]) and torch.allclose(v_n[row, :t], v_f[row, :t])
+        if t < 10:
+            stopped_any = True
+            repeat = bool((i_n[row, :t - 1] == i_n[row, t - 1]).any())
+            res = x[row] - v_n[row, :t] @ W[i_n[row, :t]]
+            assert repeat or float(res.norm()) <= threshold * float(x[row].norm()) + 1e-12
+    assert stopped_any
+    W2 = W.clone().requires_grad_(True)
+    i_gg, v_gg = mp_gram(x, W2, 10, nonneg, **opts)  # the autograd path
+    assert torch.equal(i_gg, i_n) and torch.allclose(v_gg, v_n, atol=1e-10)
+
+
+def test_mp_adaptive_stop_options_validate():
+    cfg = get_family("mp").config_class(arch="mp", d_in=8, n_latents=16, k=4, stop_threshold=0.1)
+    with pytest.raises(HsaeError, match="adaptive_stop"):
+        cfg.validate()
+    cfg = get_family("mp").config_class(arch="mp", d_in=8, n_latents=16, k=4, adaptive_stop=True, stop_threshold=1.5)
+    with pytest.raises(HsaeError, match="stop_threshold"):
+        cfg.validate()
+
+
 def test_mp_model_encoders_agree_and_k_at_inference():
     m = _fresh("mp", 48, 4).double().eval()
     x = torch.randn(25, 16, dtype=torch.float64)
@@ -272,12 +316,12 @@ def test_claim_models_do_not_start_at_the_truth():
     assert float((source.forest.directions @ w.T).max(1).values.mean()) < 0.6
 
 
-def _train_and_score(arch, n, k, **opts):
-    source = SyntheticSource(CLAIM_DATA)
+def _train_and_score(arch, n, k, data=CLAIM_DATA, steps=300, lr=3e-3, **opts):
+    source = SyntheticSource(data)
     fam = get_family(arch)
-    cfg = fam.config_class(arch=arch, d_in=32, n_latents=n, k=k, **opts)
+    cfg = fam.config_class(arch=arch, d_in=data.d_in, n_latents=n, k=k, **opts)
     cfg.validate()
-    train = TrainConfig(steps=300, batch_size=256, lr=3e-3, lr_warmup_steps=20, seed=CLAIM_TRAIN_SEED,
+    train = TrainConfig(steps=steps, batch_size=256, lr=lr, lr_warmup_steps=20, seed=CLAIM_TRAIN_SEED,
                         checkpoint_every=10_000, log_every=10_000, dead_window_tokens=5120)
     import tempfile
 
@@ -287,8 +331,11 @@ def _train_and_score(arch, n, k, **opts):
     parents = None
     if not has_builtin_hierarchy(model):
         parents = extract_forest(model, source.sample_with_truth(8192, stream=-2).x).parents
-    return hierarchy_report(model, held.x, held.true_acts, source.forest.directions, source.forest.parents,
-                            parents=parents)
+    report = hierarchy_report(model, held.x, held.true_acts, source.forest.directions, source.forest.parents,
+                              parents=parents)
+    with torch.no_grad():
+        report["l0"] = float((to_dense(model.encode(held.x)) != 0).sum(1).float().mean())
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +350,23 @@ CLAIMANTS = [
     pytest.param("forest", 64, 1, {"level_fractions": [1.0, 3.0], "activation": "topk"}, id="forest"),
     # Measured, not hidden: in this configuration these families do not beat TopK; see the synthetic
     # benchmark table (benchmarks/synthetic_families.py) for the numbers.
+    # MP-SAE here (seeds 1, 2, 3; TopK 0.74, 0.82, 0.79 / F1 0.35, 0.15, 0.35): absorption 0.90, 0.79, 0.91,
+    # edge F1 0.22, 0.22, 0.08. Its own paper's toy regime is tested separately below
+    # (test_mp_in_its_papers_toy_regime).
     pytest.param("mp", 64, 2, {}, id="mp", marks=pytest.mark.xfail(
-        reason="MP-SAE learns merged parent+child atoms here (cosine 0.87 with both, no separate parent "
-               "atom): absorption 0.97-0.99", strict=False)),
+        reason="MP-SAE absorbs more than TopK at L0 2 on this forest (0.79-0.91 vs 0.74-0.82) with edge F1 "
+               "0.08-0.22 vs 0.15-0.35", strict=False)),
+    # H-SAE, measured over seeds 1, 2, 3 (absorption / edge F1; TopK at the same steps in brackets):
+    # 300 steps, paper defaults: 0.99, 0.80, 0.82 / 0.06, 0.24, 0.20 (TopK 0.74, 0.82, 0.79 / 0.35, 0.15, 0.35).
+    # 1000 steps (the paper's 1000-step loss warm-up is capped at 10% of the run, so longer is nearer it):
+    # defaults 0.75, 0.72, 0.88 / 0.32, 0.37, 0.15; beta=1 0.65, 0.53, 0.70 / 0.42, 0.60, 0.35
+    # (TopK 0.88, 0.83, 0.85 / 0.08, 0.29, 0.22). 2000 steps: defaults 0.76, 0.80, 0.89 / 0.24, 0.25, 0.19;
+    # beta=1 0.78, 0.87, 0.81 / 0.27, 0.16, 0.25 (TopK 0.89, 0.85, 0.86 / 0.15, 0.29, 0.22). So beta=1 at
+    # exactly 1000 steps would pass on all three seeds, but not at 2000: not a claim to pin in a test.
+    # k=2 (L0 3.4-3.95): 0.68, 0.63, 0.59 / 0.33, 0.22, 0.39, worse than TopK at k=3 (0.62, 0.40, 0.60 /
+    # 0.40, 0.65, 0.57) and k=4 (0.39, 0.32, 0.41 / 0.75, 0.78, 0.67). One root per sample (exclusive_roots,
+    # p_root 1/8, where the top level's k=1 suffices): 0.69, 0.68, 0.47 / 0.40, 0.29, 0.56 against TopK
+    # 0.38, 0.23, 0.23 / 0.62, 0.81, 0.73 (k=2 there exceeds the true L0, so TopK hardly absorbs).
     pytest.param("h-sae", 60, 1, {"m_low": 4, "subspace_dim": 3}, id="h-sae", marks=pytest.mark.xfail(
         reason="H-SAE at k=1 (TopK's L0) spends each expert's one child slot on a second root, since a third "
                "of samples carry two; roots split over top latents (absorption 0.80-0.99, edge F1 0.06-0.24; "
@@ -335,3 +396,40 @@ def test_hierarchical_family_absorbs_less_and_recovers_edges_better(topk_baselin
     assert topk_baseline["absorption"] > 0.1  # the flat baseline does absorb in this configuration
     assert ours["absorption"] < topk_baseline["absorption"] - 0.05
     assert ours["edge_f1"] > topk_baseline["edge_f1"]
+
+
+# ----- MP-SAE in its own paper's toy regime ------------------------------------------------------------------
+# The official MP-SAE toy (tree.json, toy_model.py): one top-level concept per sample (mutually exclusive),
+# at most one child of it (3 mutually exclusive children, none with probability 0.4), near-orthogonal
+# directions, every magnitude 1.5 + 0.25 N(0, 1) independently; MP with non-negative selection and the
+# data-dependent stop. Here: 8 roots x 3 children in d 32, one root per sample, p_child 0.6, children
+# orthogonal to their parent (parent_cos 0), so the true L0 is 1.6 (1 or 2 per sample); trained longer
+# than the forest claim (1000 steps at lr 1e-2) so that both dictionaries converge.
+CLAIM_DATA_MP_TOY = SyntheticConfig(d_in=32, n_roots=8, branching=3, p_root=0.125, p_child=0.6, parent_cos=0.0,
+                                    exclusive_roots=True, mag_dist="normal", mag_mean=1.5, mag_std=0.25, seed=0)
+MP_TOY_TRAIN = {"data": CLAIM_DATA_MP_TOY, "steps": 1000, "lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def topk_baseline_mp_toy():
+    return _train_and_score("topk", 64, 2, **MP_TOY_TRAIN)
+
+
+# Measured (seeds 1, 2, 3; absorption / edge F1 / L0): TopK k=2 0.002, 0.002, 0.003 / 0.93, 0.93, 0.93 /
+# 1.72, 1.83, 1.65 (ReLU leaves a slot empty on one-feature samples); MP with the adaptive stop and at most
+# 2 steps 0.36, 0.46, 0.57 / 0.77, 0.70, 0.65 / 1.59, 1.65, 1.75, so at the same L0 MP absorbs far more.
+# MP with 2 fixed steps: 0.42, 0.60, 0.61 / 0.70, 0.57, 0.61 / 2.0. At 300 steps and lr 3e-3 (the forest
+# claim's schedule): TopK 0.38, 0.35, 0.60 / 0.78, 0.65, 0.32, MP 0.58, 0.52, 0.46 / 0.54, 0.54, 0.43.
+# MP does learn the pure atoms (best cosine ~1.0 for most true features), but with 64 atoms it also keeps
+# merged parent+child atoms, and greedy selection picks a merged atom first whenever it has one.
+# A deeper variant (4 roots, depth 3, p_child 0.618, so a true L0 of 2 that k=2 cannot always cover):
+# TopK k=2 0.46, 0.44, 0.43 / 0.62, 0.73, 0.62; MP with the adaptive stop and at most 4 steps 0.38, 0.35,
+# 0.13 / 0.50, 0.32, 0.48 but at L0 2.35-2.89, not TopK's 2; MP with 2 fixed steps 0.67, 0.72, 0.72.
+@pytest.mark.slow
+@pytest.mark.xfail(reason="in its own paper's toy regime MP-SAE absorbs more than TopK at the same L0 (0.36-0.57 "
+                          "vs 0.002-0.003 at L0 1.6-1.8) with lower edge F1 (0.65-0.77 vs 0.93)", strict=False)
+def test_mp_in_its_papers_toy_regime(topk_baseline_mp_toy):
+    ours = _train_and_score("mp", 64, 2, adaptive_stop=True, stop_threshold=0.05, **MP_TOY_TRAIN)
+    assert ours["l0"] <= topk_baseline_mp_toy["l0"] + 0.1  # the same L0 (MP stops early, TopK's ReLU may too)
+    assert ours["absorption"] < topk_baseline_mp_toy["absorption"] - 0.05
+    assert ours["edge_f1"] > topk_baseline_mp_toy["edge_f1"]

@@ -56,6 +56,13 @@ TopK - 0.05 on seeds 2 and 3 only); beta 0.5 and 2 were no better across the see
 reliable gain): tying E = D^T, P_down = P_up^T, E_j = D_j as the official JAX code does (0.87, 0.83,
 0.81 / 0.17, 0.25, 0.28); feeding each expert the residual x - x_top instead of x, alone or with beta=1
 or orthogonal_children.
+Also measured (seeds 1, 2, 3; absorption / edge F1, TopK trained alike in brackets), none reliable enough
+to claim: longer runs, nearer the paper's 1000-step warm-up: 1000 steps defaults 0.75, 0.72, 0.88 / 0.32,
+0.37, 0.15 and beta=1 0.65, 0.53, 0.70 / 0.42, 0.60, 0.35 (TopK 0.88, 0.83, 0.85 / 0.08, 0.29, 0.22), but
+2000 steps defaults 0.76, 0.80, 0.89 and beta=1 0.78, 0.87, 0.81 (TopK 0.89, 0.85, 0.86); matched total L0
+with k=2 (L0 3.4-3.95) 0.68, 0.63, 0.59 / 0.33, 0.22, 0.39, worse than TopK at k=3 or 4; one root per
+sample (SyntheticConfig exclusive_roots, p_root 1/8, so k=1 suffices) 0.69, 0.68, 0.47 / 0.40, 0.29, 0.56
+against TopK k=2 0.38, 0.23, 0.23 / 0.62, 0.81, 0.73. The defaults stay the paper's.
 """
 
 from __future__ import annotations

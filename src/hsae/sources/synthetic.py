@@ -7,6 +7,17 @@ A child's direction has cosine `parent_cos` with its parent's, the rest a random
 the hierarchy is visible both in co-occurrence and in geometry. Magnitudes are uniform in
 [`mag_low`, `mag_high`]. The sample is x = sum_i a_i d_i + noise.
 
+Optional, off by default (the defaults draw exactly the numbers they always drew):
+- `exclusive_roots=true`: roots are mutually exclusive, like siblings. Each sample carries root r
+  with probability `p_root` and no root with probability 1 - n_roots * p_root (so n_roots * p_root
+  must be <= 1). This is the MP-SAE paper's toy (Costa et al. 2025, official tree.json: the top-level
+  features are mutually exclusive children of an always-on, unread node), where one concept and at
+  most one of its children are present at a time.
+- `mag_dist="normal"`: each active feature's magnitude is drawn independently as
+  `mag_mean + mag_std * N(0, 1)`, clamped at `mag_floor` * mag_mean from below so that an active
+  feature stays positive (the same toy uses 1.5 + 0.25 N(0, 1) for every feature). `mag_low` and
+  `mag_high` are then unused.
+
 `SyntheticForest.sample(n, generator)` returns the data together with the true activations; the
 directions (`directions`, unit rows) and the parent of each feature (`parents`, -1 for roots) are
 attributes of the forest. `SyntheticSource` streams batches of it for training, deterministically.
@@ -41,6 +52,12 @@ class SyntheticConfig:
     mag_high: float = 1.5
     noise_std: float = 0.0
     seed: int = 0
+    # Options (see the module docstring); the defaults keep the original sampling bit for bit.
+    exclusive_roots: bool = False
+    mag_dist: str = "uniform"  # uniform | normal
+    mag_mean: float = 1.5
+    mag_std: float = 0.25
+    mag_floor: float = 0.01
 
     def validate(self) -> None:
         if self.d_in < 2 or self.n_roots < 1 or self.branching < 1 or self.depth < 1:
@@ -52,6 +69,22 @@ class SyntheticConfig:
             raise HsaeError("synthetic: parent_cos must be in (-1, 1)")
         if not 0 <= self.mag_low <= self.mag_high:
             raise HsaeError("synthetic: need 0 <= mag_low <= mag_high")
+        if not isinstance(self.exclusive_roots, bool):
+            raise HsaeError(f"synthetic: exclusive_roots must be true or false, got {self.exclusive_roots!r}")
+        if self.exclusive_roots and self.n_roots * self.p_root > 1 + 1e-9:
+            raise HsaeError(
+                f"synthetic: with exclusive_roots, n_roots * p_root (the probability that a sample has a root) "
+                f"must be <= 1, got {self.n_roots} * {self.p_root} = {self.n_roots * self.p_root:g}; "
+                f"e.g. p_root={1 / self.n_roots:g}"
+            )
+        if self.mag_dist not in ("uniform", "normal"):
+            raise HsaeError(f"synthetic: mag_dist must be uniform or normal, got {self.mag_dist!r}")
+        if not self.mag_mean > 0:
+            raise HsaeError("synthetic: mag_mean must be > 0")
+        if self.mag_std < 0:
+            raise HsaeError("synthetic: mag_std must be >= 0")
+        if not 0 < self.mag_floor <= 1:
+            raise HsaeError("synthetic: mag_floor must be in (0, 1] (a fraction of mag_mean)")
 
     @property
     def n_features(self) -> int:
@@ -109,10 +142,19 @@ class SyntheticForest:
         b = cfg.branching
 
         def magnitudes(count: int) -> Tensor:
+            if cfg.mag_dist == "normal":
+                m = cfg.mag_mean + cfg.mag_std * torch.randn(count, generator=generator)
+                return m.clamp_min(cfg.mag_floor * cfg.mag_mean)
             return cfg.mag_low + (cfg.mag_high - cfg.mag_low) * torch.rand(count, generator=generator)
 
         roots = torch.tensor(self.levels[0])
-        on = torch.rand(n, roots.numel(), generator=generator) < cfg.p_root
+        if cfg.exclusive_roots:
+            # one draw per sample: root r when u falls in [r p_root, (r + 1) p_root), none past n_roots p_root
+            slot = (torch.rand(n, generator=generator) / cfg.p_root).floor().long() if cfg.p_root > 0 \
+                else torch.full((n,), roots.numel())
+            on = slot[:, None] == torch.arange(roots.numel())
+        else:
+            on = torch.rand(n, roots.numel(), generator=generator) < cfg.p_root
         rows, cols = on.nonzero(as_tuple=True)
         acts[rows, roots[cols]] = magnitudes(rows.numel())
         for depth in range(1, cfg.depth):
