@@ -36,6 +36,13 @@ from hsae.models.topk import TopKSAE
 from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
 
 D_IN, N_LATENTS, K, BATCH = 384, 6144, 32, 4096
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync() -> None:
+    """Wait for the GPU, so that wall-clock times cover the work (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # ----- the dense reference: what a plain PyTorch TopK SAE does -------------------------------------
@@ -84,7 +91,7 @@ def _adam(params, kind: str, lr: float) -> torch.optim.Adam:
 
 class DeadTracker:
     def __init__(self, m: int, window: int):
-        self.since = torch.zeros(m, dtype=torch.long)
+        self.since = torch.zeros(m, dtype=torch.long, device=DEVICE)
         self.window = window
 
     def mask(self) -> torch.Tensor:
@@ -101,7 +108,7 @@ def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_d
     cfg = fam.config_class(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, input_scale=scale, **extra)
     cfg.validate()
     torch.manual_seed(0)
-    model = fam.from_config(cfg)
+    model = fam.from_config(cfg).to(DEVICE)
     with torch.no_grad():
         model.b_dec.copy_(b_dec)
     model.train()
@@ -133,7 +140,7 @@ def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_d
 
 def dense_runner(scale: float, b_dec: torch.Tensor, args) -> Runner:
     torch.manual_seed(0)
-    model = DenseTopK(D_IN, N_LATENTS, K, aux_k=D_IN // 2)
+    model = DenseTopK(D_IN, N_LATENTS, K, aux_k=D_IN // 2).to(DEVICE)
     with torch.no_grad():
         model.b_dec.copy_(b_dec)
     opt = _adam(model.parameters(), args.adam, args.lr)
@@ -168,7 +175,7 @@ def sparsify_runner(scale: float, b_dec: torch.Tensor, args) -> Runner | None:
         print(f"eai-sparsify not measured: {type(err).__name__}: {err}")
         return None
     torch.manual_seed(0)
-    sae = SparseCoder(D_IN, SparseCoderConfig(num_latents=N_LATENTS, k=K), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(D_IN, SparseCoderConfig(num_latents=N_LATENTS, k=K), device=str(DEVICE), dtype=torch.float32)
     with torch.no_grad():
         sae.b_dec.copy_(b_dec)
     opt = _adam(sae.parameters(), args.adam, args.lr)
@@ -182,7 +189,7 @@ def sparsify_runner(scale: float, b_dec: torch.Tensor, args) -> Runner | None:
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
-        fired = torch.zeros(N_LATENTS, dtype=torch.bool)
+        fired = torch.zeros(N_LATENTS, dtype=torch.bool, device=DEVICE)
         fired[out.latent_indices.flatten()] = True
         dead.update(fired, x.shape[0])
 
@@ -195,12 +202,14 @@ def sparsify_runner(scale: float, b_dec: torch.Tensor, args) -> Runner | None:
 
 # ----- measurement ---------------------------------------------------------------------------------
 def matmul_seconds(dtype: torch.dtype, reps: int = 10) -> float:
-    a = torch.randn(BATCH, D_IN).to(dtype)
-    b = torch.randn(D_IN, N_LATENTS).to(dtype)
+    a = torch.randn(BATCH, D_IN, device=DEVICE).to(dtype)
+    b = torch.randn(D_IN, N_LATENTS, device=DEVICE).to(dtype)
     best = math.inf
     for _ in range(reps + 2):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -208,7 +217,14 @@ def matmul_seconds(dtype: torch.dtype, reps: int = 10) -> float:
 def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
     """Peak tensor memory during one step (profiler memory timeline): the tensors the step uses that
     existed before it (parameters, Adam state, the batch, last step's gradients until they are freed;
-    the timeline's "pre-existing" entries) plus everything it allocates, at the worst moment."""
+    the timeline's "pre-existing" entries) plus everything it allocates, at the worst moment. On a
+    GPU: the allocator's peak of allocated bytes over the step (everything live on the device)."""
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        runner.step(x, i)
+        sync()
+        return float(torch.cuda.max_memory_allocated(DEVICE))
     try:
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import MemoryProfileTimeline
@@ -237,7 +253,10 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=TopKSAE.train_chunk_rows, help="hsae TopK encode chunk")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (profiled) peak-memory step")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise with the GPU)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.quick:
         args.steps = min(args.steps, 8)
     if args.threads:
@@ -252,15 +271,16 @@ def main() -> None:
                                              noise_std=0.05, seed=0))
     n_pool = min(args.total_steps, 12)
     it = source.batches(BATCH, 0, 0, 1)
-    pool = [next(it).float() for _ in range(n_pool)]
-    held_out = source.sample_with_truth(BATCH, stream=7).x.float()
+    pool = [next(it).float().to(DEVICE) for _ in range(n_pool)]
+    held_out = source.sample_with_truth(BATCH, stream=7).x.float().to(DEVICE)
     scale = standard_input_scale(pool[0])
     b_dec = init_b_dec_geometric_median(pool[0] * scale)
 
     t32, t16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
     flop = 2 * BATCH * D_IN * N_LATENTS
     limit = BATCH / t32
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d_in={D_IN} n_latents={N_LATENTS} k={K} "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; d_in={D_IN} n_latents={N_LATENTS} k={K} "
           f"batch={BATCH}; Adam={args.adam}; dead window {args.dead_window} tokens")
     print(f"matmul ({BATCH}x{D_IN})@({D_IN}x{N_LATENTS}): fp32 {flop / t32 / 1e9:.0f} GFLOP/s ({t32 * 1e3:.1f} ms) "
           f"-> limit {limit:,.0f} tokens/s; bf16 {flop / t16 / 1e9:.0f} GFLOP/s ({t16 * 1e3:.1f} ms)")
@@ -290,8 +310,10 @@ def main() -> None:
         times = []
         for _ in range(args.steps):
             x = pool[i % n_pool]
+            sync()
             t = time.perf_counter()
             runner.step(x, i)
+            sync()
             times.append(time.perf_counter() - t)
             i += 1
         param_bytes = sum(p.numel() * p.element_size() for p in runner.params)

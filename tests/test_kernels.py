@@ -438,3 +438,25 @@ def test_remove_parallel_component_matches_base():
     ref = g - (g * w).sum(-1, keepdim=True) * w
     remove_parallel_component_(g, w)
     _close(g, ref)
+
+
+def test_grad_w_enc_segment_sum_gpu_form_equals_cpu_blocks():
+    """The GPU takes grad W_enc as one segment sum then a transpose; the CPU block by block. Both
+    are checked here on the CPU (no GPU in CI)."""
+    from hsae.models.kernels import _group_by_latent, _segment_sum_transposed, _segment_sum_transposed_whole
+
+    g = torch.Generator().manual_seed(3)
+    n, d, m, nnz = 60, 9, 700, 900  # m not a multiple of the block: a partial last block
+    rows = torch.randint(0, n, (nnz,), generator=g)
+    cols = torch.randint(0, m, (nnz,), generator=g)
+    cols[:50] = 5  # a latent with many entries, and (with m >> nnz / 2) many without any
+    w = torch.randn(nnz, generator=g, dtype=DTYPE)
+    table = torch.randn(n, d, generator=g, dtype=DTYPE)
+    b_dec, colsum = torch.randn(d, generator=g, dtype=DTYPE), torch.randn(m, generator=g, dtype=DTYPE)
+    order, ptr = _group_by_latent(cols, m)
+    blocks = _segment_sum_transposed(rows[order], w[order], table, ptr, 1.3, b_dec, colsum)
+    whole = _segment_sum_transposed_whole(rows[order], w[order], table, ptr, 1.3, b_dec, colsum)
+    dense = torch.zeros(m, d, dtype=DTYPE).index_add_(0, cols, w[:, None] * table[rows])
+    _close(blocks, whole)
+    _close(blocks, 1.3 * dense.t() - torch.outer(b_dec, colsum))
+    assert whole.shape == (d, m) and whole.is_contiguous()

@@ -50,6 +50,15 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
     return base_lr * warm * decay
 
 
+def local_device(device: str | torch.device) -> torch.device:
+    """The device of this process: under torchrun each rank takes its own GPU (LOCAL_RANK), since
+    NCCL refuses two ranks on one device; an explicit index (cuda:1) is kept."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 class _Distributed:
     """torchrun environment: rank, world size; a no-op for a single process."""
 
@@ -57,6 +66,10 @@ class _Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.active = self.world_size > 1
+        device = local_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
         if self.active and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -138,6 +151,7 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HsaeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
         self.dist = _Distributed(self.device)
+        self.device = self.dist.device
         self.family = get_family(sae_config.arch)
         self.sae_config = sae_config
 
@@ -245,7 +259,8 @@ class Trainer:
         model.train()
         wrapped: torch.nn.Module = model
         if self.dist.active:
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         base_lr = cfg.resolved_lr(model.n_latents)
         if start >= cfg.steps:
             return model.eval()
@@ -264,15 +279,19 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 out = wrapped(x, ctx)
                 loss = out.loss
-                if not torch.isfinite(loss):
+                done = step + 1
+                log_now = done % cfg.log_every == 0 or done == cfg.steps
+                save_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+                # Reading the loss waits for the GPU: on CUDA it is checked when the step logs or
+                # saves (a non-finite loss stays so once the weights are, and is caught before any
+                # checkpoint is written), on the CPU every step.
+                if (self.device.type == "cpu" or log_now or save_now) and not torch.isfinite(loss):
                     raise HsaeError(
-                        f"the loss became {float(loss)} at step {step}; lower --lr or check the data "
+                        f"the loss became {float(loss)} by step {step}; lower --lr or check the data "
                         f"(the last checkpoint in {self.out} is intact)"
                     )
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg, base_lr)
-                done = step + 1
-                log_now = done % cfg.log_every == 0 or done == cfg.steps
                 # The reconstruction is not held through the backward (one (n, d_in) tensor less at
                 # the step's peak): what the log needs of it is measured first.
                 step_fvu = fvu(x, out.x_hat.detach()) if log_now else None
@@ -300,7 +319,7 @@ class Trainer:
                         wandb_run.log(row, step=done)
                 elif progress is not None:
                     progress.advance()
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if save_now:
                     if metrics_fh is not None:
                         metrics_fh.flush()
                     self._save(model, opt, done, since_fired)

@@ -86,7 +86,9 @@ def train(
         from hsae.sources import open_model_source
 
         quiet_transformers()
-        source = open_model_source(model, hook, corpus, seed=seed)
+        from hsae.train import local_device
+
+        source = open_model_source(model, hook, corpus, seed=seed, device=str(local_device(device)))
     else:
         source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic))
     sae_values: dict[str, object] = {"arch": arch, "d_in": source.d_in, "n_latents": n_latents, **sae_opts}

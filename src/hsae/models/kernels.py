@@ -599,11 +599,21 @@ def _segment_sum_transposed(rows: Tensor, weights: Tensor, table: Tensor, ptr: T
     - b_dec * colsum[j], for entries sorted by latent with CSR pointer `ptr`, built block by block
     (no (m, d) intermediate)."""
     m, d = ptr.numel() - 1, table.shape[1]
+    weights = weights.to(table.dtype)
+    if table.device.type != "cpu":
+        # On a GPU the cache-sized blocks would only multiply kernel launches (and their bounds
+        # need a host sync).
+        return _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum)
     out = torch.empty(d, m, dtype=table.dtype, device=table.device)
     bounds = ptr[:: _WENC_BLOCK].tolist() + ([int(ptr[-1])] if m % _WENC_BLOCK else [])
-    weights = weights.to(table.dtype)
     _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum)
     return out
+
+
+def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum) -> Tensor:
+    """`_segment_sum_transposed` as one segment sum, then transposed (what a GPU runs)."""
+    part = F.embedding_bag(rows, table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True)
+    return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1).contiguous()
 
 
 def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum) -> None:
@@ -655,7 +665,10 @@ def sparse_topk_step(
 
 @torch.no_grad()
 def remove_parallel_component_(g: Tensor, w: Tensor, block_rows: int = 512) -> None:
-    """g[i] -= (g[i] . w[i]) w[i] in place, in row blocks (no (m, d) temporaries)."""
+    """g[i] -= (g[i] . w[i]) w[i] in place, in row blocks on the CPU (no (m, d) temporaries; a GPU
+    takes all rows in one go)."""
+    if g.device.type != "cpu":
+        block_rows = max(1, g.shape[0])
     for s in range(0, g.shape[0], block_rows):
         gb, wb = g[s : s + block_rows], w[s : s + block_rows]
         gb.addcmul_((gb * wb).sum(-1, keepdim=True), wb, value=-1)
