@@ -143,6 +143,11 @@ def test_harvest_wordnet_train_topk_load_and_encode_new_text(tmp_path):
     assert code == 0
     sae = hsae.load(run)
     assert sae.d_in == 384
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert data["max_norm_ratio"] == 10.0 and data["norm_limit"] > 0  # the outlier rule is recorded
+    # the rule is an option of stores only, refused elsewhere with the reason
+    assert main(["train", "--arch", "topk", "--data", "synthetic", "--n-latents", "32", "--k", "2",
+                 "--steps", "2", "--out", str(tmp_path / "r2"), "--max-norm-ratio", "5", "-q"]) == 2
     harvester = Harvester(load_model(device="cpu"), [DEFAULT_HOOK])
     rows = next(harvester.batches(["A small dog chased the ball across the garden."])).rows
     x = rows.activations[DEFAULT_HOOK]

@@ -223,3 +223,52 @@ def test_several_hooks_in_one_store(minilm, tmp_path):
     one = ActivationStore.open(tmp_path / "s", hook="encoder.layer.1")
     three = ActivationStore.open(tmp_path / "s", hook="encoder.layer.3")
     assert not torch.equal(one.read_shard(0)["activations"], three.read_shard(0)["activations"])
+
+
+def _with_outliers(reference, out):
+    """A copy of the reference store with three rows scaled 50x (checksums updated)."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    scaled = []
+    for shard, rows in ((1, (5, 17)), (4, (3,))):
+        file = out / manifest["shards"][shard]["file"]
+        tensors = load_file(str(file))
+        acts = tensors[f"activations/{DEFAULT_HOOK}"]
+        for r in rows:
+            acts[r] *= 50
+            scaled.append(acts[r].clone())
+        save_file(tensors, str(file))
+        manifest["shards"][shard]["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return torch.stack(scaled)
+
+
+def test_norm_outliers_are_left_out_of_the_stream_and_resume_stays_exact(reference, tmp_path):
+    outliers = _with_outliers(reference, tmp_path / "s")
+    store = ActivationStore.open(tmp_path / "s", seed=3, buffer_rows=130)
+    limit = store.describe()["norm_limit"]
+    median = float(store.read_shard(0, all_fields=False)["activations"].norm(dim=1).median())
+    assert limit == pytest.approx(10 * median)
+    stream = store.batches(48)
+    first = [next(stream) for _ in range(20)]  # more than two epochs of the 397 kept rows
+    seen = torch.cat(first)
+    assert float(seen.norm(dim=1).max()) <= limit
+    assert not any(torch.equal(row, o) for o in outliers for row in seen[:397])
+    kept = store_rows(tmp_path / "s")["activations"]  # interpretation still sees every row
+    assert len(kept) == 400
+    kept = kept[kept.norm(dim=1) <= limit]
+    epoch = seen[:397]
+    assert torch.equal(epoch[torch.argsort(epoch[:, 0])], kept[torch.argsort(kept[:, 0])])
+    for start in (1, 8, 9, 17):  # resumed readers (fresh objects: no counts cached) agree
+        resumed = ActivationStore.open(tmp_path / "s", seed=3, buffer_rows=130).batches(48, start_step=start)
+        assert torch.equal(next(resumed), first[start])
+    everything = ActivationStore.open(tmp_path / "s", seed=3, buffer_rows=130, max_norm_ratio=0)
+    assert everything.describe()["norm_limit"] is None
+    assert float(torch.cat([next(everything.batches(400))]).norm(dim=1).max()) > limit
+    with pytest.raises(HsaeError, match="max_norm_ratio must be >= 1"):
+        ActivationStore.open(tmp_path / "s", max_norm_ratio=0.5)

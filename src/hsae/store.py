@@ -19,6 +19,13 @@ against their checksum when first read. The stream of an epoch is a seeded permu
 shards, cut into windows of a few shards (the bounded buffer, `buffer_rows`), each window's rows
 permuted with a seed of (seed, epoch, window); batch s is rows [s*B, (s+1)*B) of the endless stream,
 so `batches(B, start_step=s)` starts at batch s without replaying. Rank r of w reads shards r, r+w, ...
+
+Norm outliers: rows whose norm exceeds `max_norm_ratio` (default 10) times the median row norm of the
+store's first shard are left out of the training stream (and of `sample`), as the first positions of
+many causal LMs carry huge, meaningless activations even when special tokens are dropped. The rule
+is applied to each window after its permutation, so the stream stays a pure function of the seed and
+resuming counts kept rows; `iter_shards` (interpretation, aligned with token ids) keeps every row.
+`max_norm_ratio=None` keeps all rows.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_SHARD_ROWS = 65536
 DEFAULT_BUFFER_ROWS = 262144
+DEFAULT_MAX_NORM_RATIO = 10.0
 _ROW_FIELDS = ("token_ids", "doc_ids", "positions")
 # Manifest entries that must match when a harvest is started again on a partial store.
 _SETTINGS = ("model", "hooks", "dtype", "corpus", "harvest", "shard_rows", "target_rows")
@@ -266,8 +274,12 @@ class ShardInfo:
 class ActivationStore:
     """A harvested store, read as an `ActivationSource` for one of its hooks."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], hook: str, seed: int, buffer_rows: int):
+    def __init__(self, path: Path, manifest: dict[str, Any], hook: str, seed: int, buffer_rows: int,
+                 max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO):
         self.path = path
+        self.max_norm_ratio = max_norm_ratio
+        self._norm_limit: float | None = None
+        self._kept: dict[int, int] = {}  # shard index -> rows within the norm limit
         self.manifest = manifest
         self.hook = hook
         self.seed = seed
@@ -278,9 +290,16 @@ class ActivationStore:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, hook: str | None = None, seed: int = 0, buffer_rows: int = DEFAULT_BUFFER_ROWS
+        cls, path: str | Path, *, hook: str | None = None, seed: int = 0, buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
     ) -> "ActivationStore":
-        """Open a complete store; `hook` picks one when it holds several."""
+        """Open a complete store; `hook` picks one when it holds several. Rows with a norm above
+        `max_norm_ratio` times the median are left out of batches (None or 0: keep all)."""
+        if max_norm_ratio is not None and not (max_norm_ratio == 0 or max_norm_ratio >= 1):
+            raise HsaeError(
+                f"max_norm_ratio must be >= 1 (a multiple of the median row norm) or 0 to keep every row, "
+                f"got {max_norm_ratio}"
+            )
         path = Path(path)
         if not path.is_dir():
             raise HsaeError(f"activation store {path} does not exist")
@@ -301,7 +320,7 @@ class ActivationStore:
             hook = names[0]
         if hook not in names:
             raise HsaeError(f"store {path} has no hook {hook!r} (it holds {', '.join(names)})")
-        return cls(path, manifest, hook, seed, buffer_rows)
+        return cls(path, manifest, hook, seed, buffer_rows, max_norm_ratio or None)
 
     # -- facts ---------------------------------------------------------------------------------
 
@@ -331,7 +350,19 @@ class ActivationStore:
             "corpus": self.manifest["corpus"],
             "harvest": self.manifest["harvest"],
             "seed": self.seed,
+            "max_norm_ratio": self.max_norm_ratio,
+            "norm_limit": self.norm_limit(),
         }
+
+    def norm_limit(self) -> float | None:
+        """Rows with a larger norm are left out of batches: `max_norm_ratio` times the median row
+        norm of the first shard (None: no limit)."""
+        if self.max_norm_ratio is None:
+            return None
+        if self._norm_limit is None:
+            first = self.read_shard(0, all_fields=False)["activations"]
+            self._norm_limit = float(first.norm(dim=1).median()) * self.max_norm_ratio
+        return self._norm_limit
 
     def check_compatible(self, d_in: int | None = None) -> None:
         """Raise HsaeError when a model of width `d_in` cannot train on this store."""
@@ -402,17 +433,39 @@ class ActivationStore:
 
     def _window_rows(self, epoch: int, index: int, window: list[ShardInfo]) -> Tensor:
         rows = torch.cat([self.read_shard(s.index, all_fields=False)["activations"] for s in window])
-        return rows[window_permutation(self.seed, epoch, index, len(rows))]
+        rows = rows[window_permutation(self.seed, epoch, index, len(rows))]
+        limit = self.norm_limit()
+        if limit is not None:
+            rows = rows[rows.norm(dim=1) <= limit]
+        return rows
+
+    def _kept_rows(self, shard: ShardInfo) -> int:
+        """Rows of a shard that pass the norm limit (all of them without one)."""
+        limit = self.norm_limit()
+        if limit is None:
+            return shard.rows
+        if shard.index not in self._kept:
+            acts = self.read_shard(shard.index, all_fields=False)["activations"]
+            self._kept[shard.index] = int((acts.norm(dim=1) <= limit).sum())
+        return self._kept[shard.index]
 
     def _stream(self, shards: list[ShardInfo], start_row: int) -> Iterator[Tensor]:
-        """Shuffled row blocks of the endless stream, from row `start_row` (windows before it unread)."""
-        epoch, offset = divmod(start_row, sum(s.rows for s in shards))
+        """Shuffled row blocks of the endless stream, from row `start_row` (windows before it unread;
+        with a norm limit, rows count after it, so the shards before the start are read once to
+        count theirs)."""
+        epoch, offset = 0, start_row
+        if start_row:
+            epoch_rows = sum(self._kept_rows(s) for s in shards)
+            if epoch_rows == 0:
+                raise HsaeError(f"store {self.path}: no row passes the norm limit {self.norm_limit()}")
+            epoch, offset = divmod(start_row, epoch_rows)
         while True:
             for index, window in enumerate(self._epoch_windows(epoch, shards)):
-                window_rows = sum(s.rows for s in window)
-                if offset >= window_rows:
-                    offset -= window_rows
-                    continue
+                if offset:
+                    window_rows = sum(self._kept_rows(s) for s in window)
+                    if offset >= window_rows:
+                        offset -= window_rows
+                        continue
                 yield self._window_rows(epoch, index, window)[offset:]
                 offset = 0
             epoch += 1

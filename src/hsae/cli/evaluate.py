@@ -30,8 +30,10 @@ def _open_for(model_dir: Path, data: Optional[str], synthetic: list[str]):
             opts = {k: str(v) for k, v in saved.items() if k != "kind"}
             opts.update(parse_overrides(synthetic))
             return open_source("synthetic", synthetic=opts)
-        if saved.get("path"):
-            return open_source(saved["path"])
+        if saved.get("path"):  # the same rows the model trained on (its norm limit too)
+            # (a record without one, or None, trained on every row: 0 keeps them all)
+            ratio = (saved.get("max_norm_ratio") or 0) if saved.get("kind") == "store" else None
+            return open_source(saved["path"], max_norm_ratio=ratio)
         raise typer.BadParameter("give --data: the model's config does not name its training data")
     return open_source(data, synthetic=parse_overrides(synthetic))
 

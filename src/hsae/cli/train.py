@@ -59,6 +59,9 @@ def train(
         [], "--synthetic", help="KEY=VALUE for --data synthetic: d_in (96), n_roots (40), branching (4), depth (2), "
         "p_root (0.05), p_child (0.8), parent_cos (0.5), mag_low, mag_high, noise_std, seed"
     ),
+    max_norm_ratio: Optional[float] = typer.Option(
+        None, "--max-norm-ratio", help="Stores: leave out rows whose norm exceeds this multiple of the median "
+        "(default 10; 0 keeps every row)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True),
 ) -> None:
@@ -90,7 +93,7 @@ def train(
 
         source = open_model_source(model, hook, corpus, seed=seed, device=str(local_device(device)))
     else:
-        source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic))
+        source = open_source(data, seed=seed, synthetic=parse_overrides(synthetic), max_norm_ratio=max_norm_ratio)
     sae_values: dict[str, object] = {"arch": arch, "d_in": source.d_in, "n_latents": n_latents, **sae_opts}
     if k is not None:
         sae_values["k"] = k

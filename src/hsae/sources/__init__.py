@@ -18,8 +18,13 @@ def open_model_source(model: str | None, hook: str | None, corpus: str, *, seed:
     return ModelActivationSource(load_model(model, device=device), hook or DEFAULT_HOOK, documents, seed=seed)
 
 
-def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = None) -> ActivationSource:
-    """`synthetic`, an activation file (.npy / .safetensors), or an hsae store folder."""
+def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = None,
+                max_norm_ratio: float | None = None) -> ActivationSource:
+    """`synthetic`, an activation file (.npy / .safetensors), or an hsae store folder.
+    `max_norm_ratio` (stores only; None: the store's default of 10, 0: keep all rows) leaves rows
+    with a norm above that multiple of the median out of the stream."""
+    if max_norm_ratio is not None and not (data != "synthetic" and Path(data).is_dir()):
+        raise HsaeError("--max-norm-ratio applies to hsae stores only (harvest one with `hsae harvest`)")
     if data == "synthetic":
         from hsae.config import from_dict
         from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -32,9 +37,10 @@ def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = 
     path = Path(data)
     if path.is_dir():
         if (path / "manifest.json").is_file():
-            from hsae.store import ActivationStore
+            from hsae.store import DEFAULT_MAX_NORM_RATIO, ActivationStore
 
-            return ActivationStore.open(path, seed=seed)
+            ratio = DEFAULT_MAX_NORM_RATIO if max_norm_ratio is None else max_norm_ratio
+            return ActivationStore.open(path, seed=seed, max_norm_ratio=ratio)
         raise HsaeError(f"--data {path} is a folder but not an hsae store (no manifest.json); make one with `hsae harvest`")
     from hsae.sources.files import ArrayActivations
 
