@@ -62,11 +62,37 @@ def test_transformer_lens_names():
     assert transformer_lens_name("model.layers.8.mlp") == "blocks.8.hook_mlp_out"
     assert transformer_lens_name("transformer.h.2.attn") == "blocks.2.hook_attn_out"
     assert transformer_lens_name("encoder.layer.3.intermediate") is None
+    assert transformer_lens_name("encoder.layer.3.attention.output.dense:input") == "blocks.3.attn.hook_z"
+    assert transformer_lens_name("model.layers.5.self_attn.o_proj:input") == "blocks.5.attn.hook_z"
+    assert transformer_lens_name("transformer.h.2.attn.c_proj:input") == "blocks.2.attn.hook_z"
 
 
 def test_unknown_hook_lists_the_closest_names(minilm):
     with pytest.raises(HsaeError, match=r"no module named 'encoder.layers.3'.*closest: encoder.layer.3"):
         HookedModel(minilm, ["encoder.layers.3"])
+    with pytest.raises(HsaeError, match=r"no module named 'encoder.layers.3.attention'"):
+        HookedModel(minilm, ["encoder.layers.3.attention:input"])
+
+
+def test_input_hook_reads_the_heads_before_the_output_projection(minilm, tmp_path):
+    from hsae.store import harvest_to_store
+
+    proj = "encoder.layer.2.attention.output.dense"
+    sites = {site.name: site for site in hook_sites(minilm)}
+    assert sites[proj + ":input"].transformer_lens == "blocks.2.attn.hook_z" and sites[proj + ":input"].width == 384
+    hooked = HookedModel(minilm, [proj + ":input", proj])
+    encoded = minilm.tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
+    out = hooked(dict(encoded))
+    module = dict(minilm.model.named_modules())[proj]
+    with torch.inference_mode():  # the projection of what the input hook read is what the module gave
+        torch.testing.assert_close(module(out[proj + ":input"]), out[proj])
+    # a store of it records the head layout (MiniLM: 12 heads of 32)
+    harvester = Harvester(minilm, [proj + ":input"], batch_tokens=128, max_length=32)
+    store = harvest_to_store(tmp_path / "s", harvester, TEXTS, tokens=60, shard_rows=30)
+    entry = store.manifest["hooks"][0]
+    assert (entry["name"], entry["transformer_lens"], entry["heads"], entry["d_head"]) == (
+        proj + ":input", "blocks.2.attn.hook_z", 12, 32)
+    assert next(store.batches(16)).shape == (16, 384)
 
 
 def test_early_stop_gives_the_activations_of_a_full_forward_and_skips_later_layers(minilm):

@@ -157,10 +157,16 @@ def harvest_to_store(
         raise HsaeError(f"shard_rows must be positive, got {shard_rows}")
     store_dtype = parse_dtype(dtype)
     out = Path(out)
-    from hsae.sources.hf import transformer_lens_name
+    from hsae.sources.hf import attention_heads, transformer_lens_name
 
     widths = harvester.hooked.widths()
-    hooks = [{"name": h, "transformer_lens": transformer_lens_name(h), "d_in": widths[h]} for h in harvester.hooks]
+    hooks = []
+    for h in harvester.hooks:
+        entry: dict[str, Any] = {"name": h, "transformer_lens": transformer_lens_name(h), "d_in": widths[h]}
+        heads = attention_heads(harvester.loaded, h, widths[h])
+        if heads is not None:  # the concatenated heads: per-head analyses view the decoder in blocks
+            entry["heads"], entry["d_head"] = heads
+        hooks.append(entry)
     settings = {
         "model": harvester.loaded.describe(),
         "hooks": hooks,

@@ -172,7 +172,36 @@ _TRANSFORMER_LENS_NAMES = [
     (r"(?:model\.|transformer\.|gpt_neox\.|model\.decoder\.)?(?:layers|h)\.(\d+)", "blocks.{}.hook_resid_post"),
     (r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)\.mlp", "blocks.{}.hook_mlp_out"),
     (r"(?:model\.|transformer\.)?(?:layers|h)\.(\d+)\.(?:self_attn|attn|attention)", "blocks.{}.hook_attn_out"),
+    # The input of an attention block's output projection: the heads' outputs, concatenated.
+    (r"(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\.attention\.output\.dense:input", "blocks.{}.attn.hook_z"),
+    (r"(?:model\.)?layers\.(\d+)\.self_attn\.o_proj:input", "blocks.{}.attn.hook_z"),
+    (r"(?:transformer\.)?h\.(\d+)\.attn\.c_proj:input", "blocks.{}.attn.hook_z"),
+    (r"(?:gpt_neox\.)?layers\.(\d+)\.attention\.dense:input", "blocks.{}.attn.hook_z"),
 ]
+
+# A hook names a module's output ("encoder.layer.3") or, with this suffix, its first input
+# ("encoder.layer.3.attention.output.dense:input": the attention heads before the output projection).
+INPUT_SUFFIX = ":input"
+
+
+def split_hook(hook: str) -> tuple[str, str]:
+    """(module name, "output" or "input") of a hook name."""
+    if hook.endswith(INPUT_SUFFIX):
+        return hook[: -len(INPUT_SUFFIX)], "input"
+    return hook, "output"
+
+
+def attention_heads(loaded: "LoadedModel", hook: str, width: int) -> tuple[int, int] | None:
+    """(heads, d_head) when `hook` reads the concatenated heads before an attention output
+    projection (a `blocks.L.attn.hook_z` site) and the model's head count divides its width, so
+    that per-head analyses can view the decoder in blocks; else None."""
+    if not (transformer_lens_name(hook) or "").endswith("attn.hook_z"):
+        return None
+    config = loaded.model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not heads or width % int(heads):
+        return None
+    return int(heads), width // int(heads)
 
 
 def transformer_lens_name(hook: str) -> str | None:
@@ -217,6 +246,12 @@ def hook_sites(loaded: LoadedModel) -> list[HookSite]:
             out = _first_tensor(output)
             if isinstance(out, Tensor) and out.dim() == 3 and tuple(out.shape[:2]) == shape:
                 widths.setdefault(name, int(out.shape[-1]))
+            # the heads before an attention output projection (any module's input can be hooked;
+            # these are the ones with a TransformerLens name, listed so users find them)
+            x = args[0] if args else None
+            if (isinstance(x, Tensor) and x.dim() == 3 and tuple(x.shape[:2]) == shape
+                    and transformer_lens_name(name + INPUT_SUFFIX)):
+                widths.setdefault(name + INPUT_SUFFIX, int(x.shape[-1]))
 
         return hook
 
@@ -229,15 +264,17 @@ def hook_sites(loaded: LoadedModel) -> list[HookSite]:
     finally:
         for handle in handles:
             handle.remove()
-    return [  # in the model's own module order, not the order the hooks fired
-        HookSite(name, type(module).__name__, widths[name], transformer_lens_name(name))
+    return [  # in the model's own module order (a module's input before its output), not the order the hooks fired
+        HookSite(site, type(module).__name__, widths[site], transformer_lens_name(site))
         for name, module in loaded.model.named_modules()
-        if name in widths
+        for site in (name + INPUT_SUFFIX, name)
+        if site in widths
     ]
 
 
 def resolve_hooks(model: nn.Module, hooks: Sequence[str]) -> dict[str, nn.Module]:
-    """Modules by dotted name; an unknown name raises HsaeError listing the closest names."""
+    """Modules by hook name (a dotted module name, optionally with ":input"); an unknown name
+    raises HsaeError listing the closest names."""
     if not hooks:
         raise HsaeError("no hook given: name a module, e.g. encoder.layer.3 (see `hsae hooks MODEL`)")
     if len(set(hooks)) != len(hooks):
@@ -245,11 +282,12 @@ def resolve_hooks(model: nn.Module, hooks: Sequence[str]) -> dict[str, nn.Module
     modules = dict(model.named_modules())
     resolved = {}
     for hook in hooks:
-        if hook not in modules or not hook:
-            close = difflib.get_close_matches(hook, [n for n in modules if n], n=5, cutoff=0.6)
+        name, _ = split_hook(hook)
+        if name not in modules or not name:
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.6)
             hint = f"closest: {', '.join(close)}" if close else "list them with `hsae hooks MODEL`"
-            raise HsaeError(f"model has no module named {hook!r} ({hint})")
-        resolved[hook] = modules[hook]
+            raise HsaeError(f"model has no module named {name!r} ({hint})")
+        resolved[hook] = modules[name]
     return resolved
 
 
@@ -275,8 +313,15 @@ class HookedModel:
         stop_after = self._stop_after if self.early_stop else None
 
         def capture(name: str):
-            def hook(module, args, output):
-                out = _first_tensor(output)
+            site = split_hook(name)[1]
+
+            def hook(module, args, kwargs, output):
+                if site == "input":
+                    out = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+                    if not isinstance(out, Tensor):
+                        raise HsaeError(f"module {split_hook(name)[0]} takes no tensor input: hook another")
+                else:
+                    out = _first_tensor(output)
                 if not isinstance(out, Tensor):
                     raise HsaeError(f"module {name} outputs {type(out).__name__}, not a tensor: hook another")
                 captured[name] = out  # a module called twice keeps its last output, as a full pass
@@ -286,7 +331,7 @@ class HookedModel:
 
             return hook
 
-        handles = [module.register_forward_hook(capture(name)) for name, module in self.modules.items()]
+        handles = [module.register_forward_hook(capture(name), with_kwargs=True) for name, module in self.modules.items()]
         try:
             with torch.inference_mode():
                 self.loaded.model(**inputs)
@@ -302,7 +347,7 @@ class HookedModel:
         for name, out in captured.items():
             if out.dim() != 3 or tuple(out.shape[:2]) != shape:
                 raise HsaeError(
-                    f"module {name} outputs shape {tuple(out.shape)}, not (batch, tokens, width): "
+                    f"hook {name} gives shape {tuple(out.shape)}, not (batch, tokens, width): "
                     "hook a module with one activation per token (see `hsae hooks MODEL`)"
                 )
         return captured
