@@ -13,8 +13,10 @@ that one matmul. Peak memory is measured with the PyTorch profiler's memory time
 (the tensors the step touches, pre-existing ones included, at the step's worst moment) and compared
 with what parameters, Adam state and one batch need. Every loop zeroes gradients (set to None)
 before its forward, so last step's gradients are not held through it. FVU is measured on a held-out
-batch after the same number of steps on the same data, to show speed is not bought with a worse
-model. eai-sparsify is measured when `import sparsify` works (it is not a dependency of hsae).
+batch after the same number of steps on the same data (`--fvu-steps`, default 200: each family
+trains on, untimed, after its timed steps), to show speed is not bought with a worse model.
+eai-sparsify is measured when `import sparsify` works (it is not a dependency of hsae). `--device
+cuda` runs it all on a GPU, timings synchronised with it and peak memory from CUDA's allocator.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from hsae.config import TrainConfig
 from hsae.eval.core import fvu
 from hsae.models import StepContext, get_family
 from hsae.models.base import init_b_dec_geometric_median, standard_input_scale
@@ -254,6 +257,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (profiled) peak-memory step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise with the GPU)")
+    ap.add_argument("--fvu-steps", type=int, default=200,
+                    help="after timing, every family trains on to this many steps before its FVU is measured")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -263,13 +268,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     TopKSAE.train_chunk_rows = args.chunk_rows
     warmup = 2
-    args.total_steps = warmup + args.steps + (0 if args.no_memory else 1)
-    args.lr = 2e-4 / math.sqrt(N_LATENTS / 2**14)  # Gao et al.'s rule, hsae's default
+    args.total_steps = max(args.fvu_steps, warmup + args.steps + (0 if args.no_memory else 1))
+    args.lr = TrainConfig().resolved_lr(N_LATENTS)  # hsae's default, the same for every family
 
     # Same data for everyone: a pool of synthetic batches (d_in=384, a forest of 1280 features).
     source = SyntheticSource(SyntheticConfig(d_in=D_IN, n_roots=256, branching=4, depth=2, p_root=0.04,
                                              noise_std=0.05, seed=0))
-    n_pool = min(args.total_steps, 12)
+    n_pool = min(args.total_steps, 32)
     it = source.batches(BATCH, 0, 0, 1)
     pool = [next(it).float().to(DEVICE) for _ in range(n_pool)]
     held_out = source.sample_with_truth(BATCH, stream=7).x.float().to(DEVICE)
@@ -321,6 +326,9 @@ def main() -> None:
         peak = None
         if not args.no_memory:
             peak = peak_step_bytes(runner, pool[i % n_pool], i)
+            i += 1
+        while i < args.fvu_steps:  # untimed: the same number of steps for every family before its FVU
+            runner.step(pool[i % n_pool], i)
             i += 1
         # Median of the timed steps (robust to other load on the machine) and the best one.
         times.sort()

@@ -44,7 +44,7 @@ def train(
     k: Optional[int] = typer.Option(None, help="Active latents per token (TopK-style); L0 target for relu/jumprelu"),
     steps: int = typer.Option(1000, help="Training steps"),
     batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step"),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default 2e-4 / sqrt(n_latents / 16384))"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-3 / sqrt(n_latents / 16384))"),
     seed: int = typer.Option(0, help="Seed of the initialisation and of the data order"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run stopped in --out"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints"),

@@ -90,7 +90,7 @@ class _SparsePrefixStep(torch.autograd.Function):
         inner = torch.tensor(bounds[1:-1], dtype=code_cols.dtype, device=device)
         gid = torch.bucketize(code_cols, inner, right=True)
         perm = torch.sort(gid.to(torch.int32), stable=True).indices
-        group_cols, group_vals = code_cols[perm], code_vals[perm]
+        group_cols, group_vals = code_cols.index_select(0, perm), code_vals.index_select(0, perm)
         goff = torch.zeros(n_groups * n + 1, dtype=torch.long, device=device)
         torch.cumsum(torch.bincount(gid * n + rows, minlength=n_groups * n), 0, out=goff[1:])
         del rows, gid, perm
@@ -150,7 +150,7 @@ class _SparsePrefixStep(torch.autograd.Function):
                 G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
         bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
         order, ptr = _group_by_latent(cols, m)
-        cols_s, bags_s, vals_s = cols[order], bags[order], vals[order]
+        cols_s, bags_s, vals_s = (t.index_select(0, order) for t in (cols, bags, vals))
         del bags, order
         cut = ptr[torch.tensor(bounds, device=ptr.device)].tolist()  # where each group's latents begin
         grad_wd = torch.empty_like(W_dec) if need_wd else None
