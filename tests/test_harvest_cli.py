@@ -131,7 +131,7 @@ def test_harvest_killed_and_restarted_ends_with_the_rows_of_an_uninterrupted_one
 
 
 @needs_wordnet
-def test_harvest_wordnet_train_topk_load_and_encode_new_text(tmp_path):
+def test_harvest_wordnet_train_topk_load_and_encode_new_text(tmp_path, capsys):
     """The issue's end-to-end path: MiniLM + WordNet -> store -> TopK SAE -> encode unseen text."""
     import hsae
     from hsae.sources.hf import DEFAULT_HOOK, Harvester, load_model
@@ -145,6 +145,12 @@ def test_harvest_wordnet_train_topk_load_and_encode_new_text(tmp_path):
     assert sae.d_in == 384
     data = json.loads((run / "config.json").read_text())["data"]
     assert data["max_norm_ratio"] == 10.0 and data["norm_limit"] > 0  # the outlier rule is recorded
+    # resuming must read the same rows: another norm limit is refused, the same one continues
+    train = ["train", "--arch", "topk", "--data", str(store), "--n-latents", "256", "--k", "8",
+             "--batch-size", "256", "--out", str(run), "--quiet", "--resume", "--steps", "35"]
+    assert main([*train, "--max-norm-ratio", "0"]) == 2
+    assert "max_norm_ratio 10.0" in capsys.readouterr().err
+    assert main(train) == 0
     # the rule is an option of stores only, refused elsewhere with the reason
     assert main(["train", "--arch", "topk", "--data", "synthetic", "--n-latents", "32", "--k", "2",
                  "--steps", "2", "--out", str(tmp_path / "r2"), "--max-norm-ratio", "5", "-q"]) == 2

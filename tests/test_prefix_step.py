@@ -57,3 +57,42 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
         assert torch.allclose(g_sp[name], g_de[name], atol=1e-10), name
 
 
+
+
+@pytest.mark.parametrize("weights", [(2.0, 0.3, 5.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)],
+                         ids=["weighted", "mse-only", "auxk-only", "prefix-only"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prefix_step_scaled_inputs_and_each_loss_alone(weights, dtype):
+    """input_scale != 1 (every scale factor of x_hat, S and grad W_enc), unequal weights on the loss
+    terms (mse and prefix_mse swapped would show), and terms left out of the loss (their incoming
+    gradient is None), in float64 and float32."""
+    w_mse, w_prefix, w_aux = weights
+    m = _fresh(64, 4, group_fractions=[0.25, 0.25, 0.5]).to(dtype).train()
+    m.config.input_scale = 1.3
+    with torch.no_grad():
+        m.b_dec.normal_()
+        m.b_enc.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 16, generator=g, dtype=torch.float64).to(dtype)  # > one row block
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    results = []
+    for sparse in (True, False):
+        m.sparse_training = sparse
+        m.zero_grad()
+        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
+        loss = w_mse * out.losses["mse"] + w_prefix * out.losses["prefix_mse"] + w_aux * out.losses["auxk"]
+        if w_mse == 2.0:
+            loss = loss + out.x_hat.sum()
+        loss.backward()
+        results.append((out, {n: (p.grad.clone() if p.grad is not None else None) for n, p in m.named_parameters()}))
+    (sp, g_sp), (de, g_de) = results
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
+    for key in de.losses:
+        torch.testing.assert_close(sp.losses[key], de.losses[key], **tol)
+    torch.testing.assert_close(sp.x_hat, de.x_hat, **tol)
+    for name in g_de:
+        if g_de[name] is None:
+            assert g_sp[name] is None or not g_sp[name].any(), name
+        else:
+            torch.testing.assert_close(g_sp[name], g_de[name], **tol, msg=name)

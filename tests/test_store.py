@@ -267,6 +267,9 @@ def test_norm_outliers_are_left_out_of_the_stream_and_resume_stays_exact(referen
     for start in (1, 8, 9, 17):  # resumed readers (fresh objects: no counts cached) agree
         resumed = ActivationStore.open(tmp_path / "s", seed=3, buffer_rows=130).batches(48, start_step=start)
         assert torch.equal(next(resumed), first[start])
+    sample = store.sample(10_000)  # at most one epoch of the kept rows: none twice
+    assert len(sample) == 397 and len(torch.unique(sample, dim=0)) == 397
+    assert torch.equal(store.sample(100), torch.cat(first)[:100])
     everything = ActivationStore.open(tmp_path / "s", seed=3, buffer_rows=130, max_norm_ratio=0)
     assert everything.describe()["norm_limit"] is None
     assert float(torch.cat([next(everything.batches(400))]).norm(dim=1).max()) > limit

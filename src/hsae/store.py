@@ -486,6 +486,15 @@ class ActivationStore:
         return rebatch(self._stream(shards, start_step * batch_size), batch_size)
 
     def sample(self, n: int) -> Tensor:
-        """A fixed sample of up to n rows: the first n of the shuffled stream."""
-        n = min(n, self.total_rows)
-        return next(self.batches(n))
+        """A fixed sample of up to n rows: the first n of the shuffled stream, never more than one
+        epoch (so no row twice, also when the norm limit leaves rows out)."""
+        if n <= 0:
+            raise HsaeError(f"sample size must be positive, got {n}")
+        blocks, have = [], 0
+        for index, window in enumerate(self._epoch_windows(0, self.shards)):
+            rows = self._window_rows(0, index, window)
+            blocks.append(rows[: n - have])
+            have += len(blocks[-1])
+            if have >= n:
+                break
+        return torch.cat(blocks)

@@ -68,6 +68,8 @@ class _Distributed:
         self.active = self.world_size > 1
         device = local_device(device)
         if device.type == "cuda":
+            if device.index is None:  # set_device needs an index: the process's current GPU
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
         self.device = device
         if self.active and not dist.is_initialized():
@@ -115,6 +117,16 @@ def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: 
             f"the data has width {source.d_in} but the checkpoint being resumed was trained on width "
             f"{saved_sae.get('d_in')}; resume with the same --data"
         )
+    saved_data, data = saved.get("data") or {}, source.describe()
+    if data.get("kind") == "store" and saved_data.get("kind") == "store":
+        # The norm limit decides which rows the stream holds, hence where the resumed run starts.
+        before, now = saved_data.get("max_norm_ratio"), data.get("max_norm_ratio")
+        if before != now:
+            raise HsaeError(
+                f"--resume: the run being resumed read the store with max_norm_ratio {before} "
+                f"({'no limit' if before is None else 'rows above that multiple of the median left out'}), "
+                f"this one with {now}; resume with --max-norm-ratio {before or 0}"
+            )
     new = to_dict(sae_cfg)
     for key, value in new.items():
         if key == "input_scale":
@@ -287,7 +299,7 @@ class Trainer:
                 # checkpoint is written), on the CPU every step.
                 if (self.device.type == "cpu" or log_now or save_now) and not torch.isfinite(loss):
                     raise HsaeError(
-                        f"the loss became {float(loss)} by step {step}; lower --lr or check the data "
+                        f"the loss became {float(loss.detach())} by step {step}; lower --lr or check the data "
                         f"(the last checkpoint in {self.out} is intact)"
                     )
                 for group in opt.param_groups:

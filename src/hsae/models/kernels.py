@@ -633,7 +633,8 @@ def _segment_sum_transposed(rows: Tensor, weights: Tensor, table: Tensor, ptr: T
 def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum) -> Tensor:
     """`_segment_sum_transposed` as one segment sum, then transposed (what a GPU runs)."""
     part = F.embedding_bag(rows, table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True)
-    return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1).contiguous()
+    out = torch.empty(table.shape[1], ptr.numel() - 1, dtype=table.dtype, device=table.device)
+    return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1, out=out)
 
 
 def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum) -> None:

@@ -68,6 +68,8 @@ _WDEC_BLOCK = 512
 def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor) -> None:
     """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]], for latents lo..hi-1,
     entries sorted by latent with CSR pointer `ptr` (n_latents + 1,)."""
+    if hi <= lo:
+        return
     step = hi - lo if out.device.type != "cpu" else _WDEC_BLOCK
     cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
     for blk, j0 in enumerate(range(lo, hi, step)):

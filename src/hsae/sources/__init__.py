@@ -23,7 +23,7 @@ def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = 
     """`synthetic`, an activation file (.npy / .safetensors), or an hsae store folder.
     `max_norm_ratio` (stores only; None: the store's default of 10, 0: keep all rows) leaves rows
     with a norm above that multiple of the median out of the stream."""
-    if max_norm_ratio is not None and not (data != "synthetic" and Path(data).is_dir()):
+    if max_norm_ratio is not None and (data == "synthetic" or Path(data).is_file()):
         raise HsaeError("--max-norm-ratio applies to hsae stores only (harvest one with `hsae harvest`)")
     if data == "synthetic":
         from hsae.config import from_dict
