@@ -192,9 +192,18 @@ def _model(arch: str, **kw) -> SAE:
 GRAD_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
+@pytest.fixture(params=["dense-auxk", "sparse-auxk"])
+def aux_form(request, monkeypatch):
+    """Both AuxK forms of the sparse path: dense blocks over the dead columns, and sparse entries."""
+    from hsae.models.topk import TopKSAE
+
+    monkeypatch.setattr(TopKSAE, "dense_auxk", request.param == "dense-auxk")
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("with_aux", [False, True])
-def test_training_step_equals_dense_reference(arch, with_aux):
+def test_training_step_equals_dense_reference(arch, with_aux, aux_form):
     model = _model(arch)
     ref_model = copy.deepcopy(model)
     torch.manual_seed(8)
@@ -220,7 +229,7 @@ def test_training_step_equals_dense_reference(arch, with_aux):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_and_dense_paths_train_to_the_same_weights(arch):
+def test_sparse_and_dense_paths_train_to_the_same_weights(arch, aux_form):
     """A few Adam steps of the real loop pieces: the sparse path and the base class's dense
     formulation end with the same weights (up to float rounding) and the same threshold."""
     model = _model(arch, aux_k=6).float()
@@ -380,7 +389,7 @@ def test_encode_batch_topk_chunked_equals_dense_selection(hint_scale):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("chunk", [5, 16])
-def test_training_step_in_small_chunks_equals_dense_reference(arch, chunk):
+def test_training_step_in_small_chunks_equals_dense_reference(arch, chunk, aux_form):
     """Several row chunks (BatchTopK's candidates cross chunk boundaries), AuxK on, a second step
     that uses the first one's hint."""
     model = _model(arch)

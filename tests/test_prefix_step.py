@@ -21,8 +21,12 @@ def _fresh(n, k, **opts):
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("groups", ["fixed", "sampled", "one"])
 @pytest.mark.parametrize("add_rows", [512, 7])
-def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_rows, monkeypatch):
+@pytest.mark.parametrize("dense_auxk", [True, False])
+def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_rows, dense_auxk, monkeypatch):
     import hsae.models.prefix_step as prefix_step
+    from hsae.models.topk import TopKSAE
+
+    monkeypatch.setattr(TopKSAE, "dense_auxk", dense_auxk)  # AuxK as dense blocks, or sparse entries
 
     monkeypatch.setattr(prefix_step, "_ADD_ROWS", add_rows)  # 7: row blocks, the last one partial
     monkeypatch.setattr(prefix_step, "_WDEC_BLOCK", 5 if add_rows == 7 else 512)  # latent blocks too

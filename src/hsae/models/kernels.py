@@ -532,7 +532,7 @@ class _SparseTopKStep(torch.autograd.Function):
     by block in W_enc's own (d_in, n_latents) layout; grad b_dec = colsum G[:n] - W_enc grad b_enc."""
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef):  # type: ignore[override]
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef, dead_cols, aux_z):  # type: ignore[override]
         n = x.shape[0]
         n_bags = bag_offsets.numel() - 1
         out = F.embedding_bag(cols, W_dec, bag_offsets, mode="sum", per_sample_weights=vals, include_last_offset=True)
@@ -543,7 +543,12 @@ class _SparseTopKStep(torch.autograd.Function):
         torch.sub(x_hat, x, out=D)
         flat = D.reshape(-1)
         mse = torch.dot(flat, flat).mul_(scale * scale / max(1, n))
-        if n_bags > n:
+        ctx.dense_A = None
+        if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
+            ctx.dense_A = A = torch.addmm(D, aux_z, W_dec.index_select(0, dead_cols), beta=scale)
+            flat = A.reshape(-1)
+            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+        elif n_bags > n:
             A = out[n:]
             A.add_(D, alpha=scale)
             flat = A.reshape(-1)
@@ -551,7 +556,7 @@ class _SparseTopKStep(torch.autograd.Function):
         else:
             aux = torch.zeros((), dtype=out.dtype, device=out.device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols, aux_z)
         ctx.out = out  # not saved: the backward overwrites it in place and frees it early
         ctx.scale, ctx.aux_coef = scale, aux_coef
         return x_hat, mse, aux
@@ -562,7 +567,8 @@ class _SparseTopKStep(torch.autograd.Function):
         if G is None:
             raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.out = None
-        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets = ctx.saved_tensors
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols, aux_z = ctx.saved_tensors
+        A, ctx.dense_A = ctx.dense_A, None
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]
@@ -590,12 +596,23 @@ class _SparseTopKStep(torch.autograd.Function):
         if need_wd:
             grad_wd = F.embedding_bag(bags_sorted, G, ptr, mode="sum", per_sample_weights=vals.index_select(0, order),
                                       include_last_offset=True)
+        # Dense AuxK block: dA = 2 coef / n * A; grad W_dec[dead] += z^T dA; the values' gradient
+        # dA W_dec[dead]^T, passed where z > 0, joins the encoder gradients below.
+        grad_z = None
+        if A is not None and g_aux is not None:
+            A.mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
+            if need_wd:
+                grad_wd.index_add_(0, dead_cols, aux_z.t() @ A)
+            grad_z = (A @ W_dec.index_select(0, dead_cols).t()).mul_(aux_z > 0)
+        del A
         if not (need_we or need_be or need_bd):
-            return None, None, grad_wd, grad_bd, None, None, None, None, None, None
+            return None, None, grad_wd, grad_bd, *([None] * 8)
         g = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W_dec, cols, bag_offsets[:-1], bags, 0, -1)
         del G, bags
         g.mul_(vals > 0)  # ReLU: no gradient where the value was clipped to 0
         gb = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
+        if grad_z is not None:
+            gb.index_add_(0, dead_cols, grad_z.sum(0))
         if need_be:
             grad_be = gb
         if need_bd:
@@ -606,7 +623,9 @@ class _SparseTopKStep(torch.autograd.Function):
             g_sorted = g.index_select(0, order)
             del g, order
             grad_we = _segment_sum_transposed(bags_sorted, g_sorted, x, ptr, s, b_dec, gb)
-        return grad_we, grad_be, grad_wd, grad_bd, None, None, None, None, None, None
+            if grad_z is not None:  # the b_dec part is in gb already
+                grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(s))
+        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
 
 
 # Latents per block of the grad-W_enc segment sum (its (block, d_in) result is transposed in cache).
@@ -669,19 +688,32 @@ def _selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
             torch.cat([offsets, aux_off.add_(cols.numel())]))
 
 
+@torch.no_grad()
+def dense_aux_codes(x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_cols: Tensor,
+                    k_aux: int) -> Tensor:
+    """The AuxK codes as a dense (n, n_dead) block over the dead latents' columns: their
+    pre-activations (scale * x - b_dec) @ W_enc[:, dead] + b_enc[dead], the k_aux largest of each
+    row kept (ReLU'd), the rest 0 (no autograd)."""
+    pre = torch.addmm(b_enc.index_select(0, dead_cols), x * scale - b_dec, W_enc.index_select(1, dead_cols))
+    values, pos = pre.topk(k_aux, dim=1, sorted=False)
+    return torch.zeros_like(pre).scatter_(1, pos, values.relu_())
+
+
 def sparse_topk_step(
     x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, sel: TopKSelection,
-    aux_coef: float = 0.0,
+    aux_coef: float = 0.0, dense_aux: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(x_hat in raw units, mse, auxk or None) of the codes selected from x (raw, (n, d)) with
     xn = scale * x: mse = |xn_hat - xn|^2 summed over dimensions, averaged over tokens; auxk as
-    `topk.auxk_term` (aux_coef times the AuxK reconstruction error of the live residual). Both
+    `topk.auxk_term` (aux_coef times the AuxK reconstruction error of the live residual), from the
+    selection's sparse AuxK entries or from `dense_aux` = (dead latent ids, `dense_aux_codes`). Both
     backpropagate to W_enc, b_enc, W_dec and b_dec through the selected entries only
     (`_SparseTopKStep`)."""
     cols, vals, offsets = _selection_entries(sel)
+    dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
     x_hat, mse, aux = _SparseTopKStep.apply(W_enc, b_enc, W_dec, b_dec, x, float(scale), cols,
-                                           vals.to(W_dec.dtype), offsets, float(aux_coef))
-    return x_hat, mse, (aux if sel.aux_values is not None else None)
+                                           vals.to(W_dec.dtype), offsets, float(aux_coef), dead_cols, aux_z)
+    return x_hat, mse, (aux if sel.aux_values is not None or dense_aux is not None else None)
 
 
 @torch.no_grad()

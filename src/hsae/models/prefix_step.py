@@ -81,7 +81,8 @@ def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tens
 
 class _SparsePrefixStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, n_code, bounds, aux_coef):  # type: ignore[override]
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, n_code, bounds, aux_coef,  # type: ignore[override]
+                dead_cols, aux_z):
         n, d = x.shape
         n_bags = bag_offsets.numel() - 1
         n_groups = len(bounds) - 1
@@ -111,7 +112,12 @@ class _SparsePrefixStep(torch.autograd.Function):
 
         # Gradient buffer: bags 0..n-1 hold S in the backward, bags n.. the AuxK error.
         G = torch.empty(n_bags, d, dtype=E.dtype, device=device)
-        if n_bags > n:
+        ctx.dense_A = None
+        if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
+            ctx.dense_A = A = torch.addmm(E, aux_z, W_dec.index_select(0, dead_cols))
+            flat = A.reshape(-1)
+            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+        elif n_bags > n:
             a0 = int(bag_offsets[n])
             A = G[n:]
             A.copy_(_bag(cols[a0:], vals[a0:], W_dec, bag_offsets[n:], a0))
@@ -121,7 +127,8 @@ class _SparsePrefixStep(torch.autograd.Function):
         else:
             aux = torch.zeros((), dtype=E.dtype, device=device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff,
+                              dead_cols, aux_z)
         ctx.E, ctx.G = E, G  # not saved: the backward overwrites them in place
         ctx.scale, ctx.aux_coef, ctx.bounds, ctx.starts = scale, aux_coef, bounds, starts
         return x_hat, mse, prefix, aux
@@ -132,7 +139,8 @@ class _SparsePrefixStep(torch.autograd.Function):
         if E is None:
             raise RuntimeError("the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.E = ctx.G = None
-        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff = ctx.saved_tensors
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols, aux_z = ctx.saved_tensors
+        A, ctx.dense_A = ctx.dense_A, None
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]
@@ -176,10 +184,20 @@ class _SparsePrefixStep(torch.autograd.Function):
         if need_bd:
             grad_bd = S.sum(0)
         del S, G
+        # Dense AuxK block, as in kernels._SparseTopKStep.
+        grad_z = None
+        if A is not None and g_aux is not None:
+            A.mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
+            if need_wd:
+                grad_wd.index_add_(0, dead_cols, aux_z.t() @ A)
+            grad_z = (A @ W_dec.index_select(0, dead_cols).t()).mul_(aux_z > 0)
+        del A
         if not (need_we or need_be or need_bd):
-            return None, None, grad_wd, grad_bd, *([None] * 8)
+            return None, None, grad_wd, grad_bd, *([None] * 10)
         gv.mul_(vals_s > 0)  # ReLU: no gradient where the value was clipped to 0
         gb = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols_s, gv)
+        if grad_z is not None:
+            gb.index_add_(0, dead_cols, grad_z.sum(0))
         if need_be:
             grad_be = gb
         if need_bd:
@@ -188,22 +206,27 @@ class _SparsePrefixStep(torch.autograd.Function):
             if n_bags > n:
                 bags_s.remainder_(n)  # AuxK bags n + r read token r
             grad_we = _segment_sum_transposed(bags_s, gv, x, ptr, s, b_dec, gb)
-        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
+            if grad_z is not None:  # the b_dec part is in gb already
+                grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(s))
+        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 10)
 
 
 def sparse_prefix_step(
     x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, sel: TopKSelection,
-    bounds: list[int], aux_coef: float = 0.0,
+    bounds: list[int], aux_coef: float = 0.0, dense_aux: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(x_hat in raw units, mse, prefix_mse, auxk or None) of the codes selected from x (raw, (n, d))
     with xn = scale * x and latent groups cut at `bounds` ([0, ..., n_latents]); see the module
-    docstring. All four parameters get their gradients through the selected entries only."""
+    docstring; AuxK from the selection's sparse entries or from `dense_aux` (as
+    `kernels.sparse_topk_step`). All four parameters get their gradients through the selected entries
+    only."""
     cols, vals, offsets = _selection_entries(sel)
     n_code = sel.indices.numel()
+    dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
     x_hat, mse, prefix, aux = _SparsePrefixStep.apply(
         W_enc, b_enc, W_dec, b_dec, x, float(scale), cols, vals.to(W_dec.dtype), offsets, n_code,
-        [int(b) for b in bounds], float(aux_coef))
-    return x_hat, mse, prefix, (aux if sel.aux_values is not None else None)
+        [int(b) for b in bounds], float(aux_coef), dead_cols, aux_z)
+    return x_hat, mse, prefix, (aux if sel.aux_values is not None or dense_aux is not None else None)
 
 
 __all__ = ["sparse_prefix_step"]

@@ -34,7 +34,7 @@ from hsae.models import register
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.kernels import (
-    DEFAULT_CHUNK_ROWS, TopKSelection, compute_dtype_of, encode_topk_chunked, encoder_matmul,
+    DEFAULT_CHUNK_ROWS, TopKSelection, compute_dtype_of, dense_aux_codes, encode_topk_chunked, encoder_matmul,
     remove_parallel_component_, sparse_decode, sparse_encoder_values, sparse_topk_step,
 )
 
@@ -86,6 +86,18 @@ def auxk_term(model: SAE, xn: Tensor, xn_hat: Tensor, values: Tensor, indices: T
     return {"auxk": model.config.aux_coef * torch.nan_to_num(loss)}  # type: ignore[attr-defined]
 
 
+# The AuxK term over few dead latents is cheaper as a dense block on their columns than as sparse
+# entries (kernels.dense_aux_codes; the fused step takes either): with k_aux near the dead count the
+# entries are a dense block anyway, and small matmuls run many times faster per entry than gathers.
+# Used while the (n, n_dead) block stays under this many elements; above it the sparse entries keep
+# memory flat.
+DENSE_AUXK_MAX_ELEMENTS = 2**21
+
+
+def use_dense_auxk(n: int, dead_cols: Tensor | None) -> bool:
+    return dead_cols is not None and n * dead_cols.numel() <= DENSE_AUXK_MAX_ELEMENTS
+
+
 def auxk_loss(model: SAE, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None, aux_k: int) -> dict[str, Tensor]:
     """Gao et al.'s AuxK term: dead latents reconstruct the residual of the live ones (the k_aux
     largest pre-activations among the dead latents, ReLU'd; gradients flow through `pre`)."""
@@ -102,6 +114,8 @@ class TopKSAE(SAE):
     supports_k = True
     # Rows of pre-activations computed at once on the sparse training path.
     train_chunk_rows: ClassVar[int] = DEFAULT_CHUNK_ROWS
+    # AuxK over few dead latents as dense blocks (`use_dense_auxk`); False: always sparse entries.
+    dense_auxk: ClassVar[bool] = True
 
     def activate(self, pre: Tensor, k: int | None = None) -> Codes:
         k = k or self.config.k
@@ -162,10 +176,15 @@ class TopKSAE(SAE):
             self.scale_in(x)  # raises the shape error
         x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
         dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
-        sel = self._select_sparse(x, dead_cols, k_aux)
+        dense = self.dense_auxk and use_dense_auxk(x.shape[0], dead_cols)
+        sel = self._select_sparse(x, None if dense else dead_cols, k_aux)
+        dense_aux = None
+        if dense:
+            dense_aux = (dead_cols, dense_aux_codes(x, self.config.input_scale, self.W_enc.detach(),
+                                                    self.b_enc.detach(), self.b_dec.detach(), dead_cols, k_aux))
         x_hat, mse, auxk = sparse_topk_step(
             x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel,
-            self.config.aux_coef,  # type: ignore[attr-defined]
+            self.config.aux_coef, dense_aux,  # type: ignore[attr-defined]
         )
         losses = {"mse": mse}
         if auxk is not None:
