@@ -516,6 +516,30 @@ def encode_batch_topk_chunked(
 
 
 # ----- the whole sparse step -----------------------------------------------------------------------
+def dense_aux_forward(E: Tensor, aux_z: Tensor, W_dec: Tensor, dead_cols: Tensor, aux_coef: float,
+                      beta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A dense AuxK block's error A = aux_z @ W_dec[dead] + beta * E (the dead latents' reconstruction
+    minus the live residual xn - xn_hat = -beta * E) and its loss aux_coef |A|^2 / n."""
+    A = torch.addmm(E, aux_z, W_dec.index_select(0, dead_cols), beta=beta)
+    flat = A.reshape(-1)
+    return A, torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, E.shape[0])))
+
+
+def dense_aux_backward(A: Tensor | None, g_aux: Tensor | None, aux_coef: float, W_dec: Tensor, dead_cols: Tensor,
+                       aux_z: Tensor, grad_wd: Tensor | None) -> Tensor | None:
+    """Backward of `dense_aux_forward` (A is overwritten): dA = 2 coef g / n * A, grad W_dec[dead] +=
+    z^T dA (into grad_wd when given), and the gradient of the block's values, dA W_dec[dead]^T where
+    z > 0 (None without an AuxK block or gradient). The caller adds the encoder's share: colsum into
+    grad b_enc's buffer (gb) and scale * x^T grad_z into grad W_enc's dead columns."""
+    if A is None or g_aux is None:
+        return None
+    A.mul_(g_aux * (2 * aux_coef / max(1, A.shape[0])))
+    if grad_wd is not None:
+        grad_wd.index_add_(0, dead_cols, aux_z.t() @ A)
+    return (A @ W_dec.index_select(0, dead_cols).t()).mul_(aux_z > 0)
+
+
+
 class _SparseTopKStep(torch.autograd.Function):
     """Decoder, reconstruction loss and AuxK loss of selected codes, with one sparse backward for all
     four parameters. Entries are CSR over bags: bag r < n is token r's code, bag n + r its AuxK code.
@@ -545,9 +569,7 @@ class _SparseTopKStep(torch.autograd.Function):
         mse = torch.dot(flat, flat).mul_(scale * scale / max(1, n))
         ctx.dense_A = None
         if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
-            ctx.dense_A = A = torch.addmm(D, aux_z, W_dec.index_select(0, dead_cols), beta=scale)
-            flat = A.reshape(-1)
-            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+            ctx.dense_A, aux = dense_aux_forward(D, aux_z, W_dec, dead_cols, aux_coef, scale)
         elif n_bags > n:
             A = out[n:]
             A.add_(D, alpha=scale)
@@ -596,14 +618,8 @@ class _SparseTopKStep(torch.autograd.Function):
         if need_wd:
             grad_wd = F.embedding_bag(bags_sorted, G, ptr, mode="sum", per_sample_weights=vals.index_select(0, order),
                                       include_last_offset=True)
-        # Dense AuxK block: dA = 2 coef / n * A; grad W_dec[dead] += z^T dA; the values' gradient
-        # dA W_dec[dead]^T, passed where z > 0, joins the encoder gradients below.
-        grad_z = None
-        if A is not None and g_aux is not None:
-            A.mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
-            if need_wd:
-                grad_wd.index_add_(0, dead_cols, aux_z.t() @ A)
-            grad_z = (A @ W_dec.index_select(0, dead_cols).t()).mul_(aux_z > 0)
+        # A dense AuxK block: its values' gradient joins the encoder gradients below.
+        grad_z = dense_aux_backward(A, g_aux, ctx.aux_coef, W_dec, dead_cols, aux_z, grad_wd)
         del A
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 8)

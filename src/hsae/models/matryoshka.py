@@ -44,9 +44,9 @@ from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
-from hsae.models.kernels import dense_aux_codes, sparse_decode
+from hsae.models.kernels import sparse_decode
 from hsae.models.prefix_step import sparse_prefix_step
-from hsae.models.topk import TopKSAE, aux_plan, use_dense_auxk
+from hsae.models.topk import TopKSAE
 
 
 @dataclass
@@ -159,13 +159,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         if x.dim() != 2 or x.shape[-1] != self.d_in:
             self.scale_in(x)  # raises the shape error
         x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
-        dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
-        dense = self.dense_auxk and use_dense_auxk(x.shape[0], dead_cols)
-        sel = self._select_sparse(x, None if dense else dead_cols, k_aux)
-        dense_aux = None
-        if dense:
-            dense_aux = (dead_cols, dense_aux_codes(x, self.config.input_scale, self.W_enc.detach(),
-                                                    self.b_enc.detach(), self.b_dec.detach(), dead_cols, k_aux))
+        sel, dense_aux = self._select_with_aux(x, ctx)
         bounds = self.group_bounds()
         x_hat, mse, prefix_mse, auxk = sparse_prefix_step(
             x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel, bounds,

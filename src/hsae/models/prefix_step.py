@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.kernels import TopKSelection, _group_by_latent, _segment_sum_transposed, _selection_entries
+from hsae.models.kernels import (
+    TopKSelection, _group_by_latent, _segment_sum_transposed, _selection_entries, dense_aux_backward,
+    dense_aux_forward,
+)
 
 
 def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) -> Tensor:
@@ -114,9 +117,7 @@ class _SparsePrefixStep(torch.autograd.Function):
         G = torch.empty(n_bags, d, dtype=E.dtype, device=device)
         ctx.dense_A = None
         if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
-            ctx.dense_A = A = torch.addmm(E, aux_z, W_dec.index_select(0, dead_cols))
-            flat = A.reshape(-1)
-            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+            ctx.dense_A, aux = dense_aux_forward(E, aux_z, W_dec, dead_cols, aux_coef)
         elif n_bags > n:
             a0 = int(bag_offsets[n])
             A = G[n:]
@@ -184,13 +185,8 @@ class _SparsePrefixStep(torch.autograd.Function):
         if need_bd:
             grad_bd = S.sum(0)
         del S, G
-        # Dense AuxK block, as in kernels._SparseTopKStep.
-        grad_z = None
-        if A is not None and g_aux is not None:
-            A.mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
-            if need_wd:
-                grad_wd.index_add_(0, dead_cols, aux_z.t() @ A)
-            grad_z = (A @ W_dec.index_select(0, dead_cols).t()).mul_(aux_z > 0)
+        # A dense AuxK block, as in kernels._SparseTopKStep.
+        grad_z = dense_aux_backward(A, g_aux, ctx.aux_coef, W_dec, dead_cols, aux_z, grad_wd)
         del A
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 10)

@@ -169,19 +169,26 @@ class TopKSAE(SAE):
             scale=self.config.input_scale, b_dec=self.b_dec.detach(),
         )
 
+    def _select_with_aux(self, x: Tensor, ctx: StepContext | None) -> tuple[TopKSelection, tuple[Tensor, Tensor] | None]:
+        """The training selection of raw inputs x and the AuxK codes: sparse entries inside the
+        selection, or (dead latent ids, a dense block over their columns) when that is small
+        (`use_dense_auxk`)."""
+        dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
+        dense = self.dense_auxk and use_dense_auxk(x.shape[0], dead_cols)
+        sel = self._select_sparse(x, None if dense else dead_cols, k_aux)
+        if not dense:
+            return sel, None
+        z = dense_aux_codes(x, self.config.input_scale, self.W_enc.detach(), self.b_enc.detach(),
+                            self.b_dec.detach(), dead_cols, k_aux)
+        return sel, (dead_cols, z)
+
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
         if not self._sparse_path_ok():
             return super().forward(x, ctx)
         if x.dim() != 2 or x.shape[-1] != self.d_in:
             self.scale_in(x)  # raises the shape error
         x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
-        dead_cols, k_aux = aux_plan(self, ctx, self.aux_k())
-        dense = self.dense_auxk and use_dense_auxk(x.shape[0], dead_cols)
-        sel = self._select_sparse(x, None if dense else dead_cols, k_aux)
-        dense_aux = None
-        if dense:
-            dense_aux = (dead_cols, dense_aux_codes(x, self.config.input_scale, self.W_enc.detach(),
-                                                    self.b_enc.detach(), self.b_dec.detach(), dead_cols, k_aux))
+        sel, dense_aux = self._select_with_aux(x, ctx)
         x_hat, mse, auxk = sparse_topk_step(
             x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel,
             self.config.aux_coef, dense_aux,  # type: ignore[attr-defined]
