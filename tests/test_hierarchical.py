@@ -120,7 +120,6 @@ def test_tree_pool_selection_keeps_the_activation_condition_and_fills_k():
 
 
 def test_tree_reparent_follows_coactivation():
-    from hsae.models.base import SAEOutput, StepContext
     from hsae.models.codes import SparseCodes
 
     m = _fresh("tree", 32, 2, reparent=True)

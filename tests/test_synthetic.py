@@ -45,8 +45,6 @@ def test_forest_is_not_the_init_of_a_model_with_the_same_seed():
 
 
 def test_exclusive_roots_and_normal_magnitudes():
-    import pytest
-
     cfg = SyntheticConfig(d_in=32, n_roots=8, branching=3, p_root=0.1, p_child=0.6, parent_cos=0.0,
                           exclusive_roots=True, mag_dist="normal", mag_mean=1.5, mag_std=0.25)
     forest = SyntheticForest(cfg)

@@ -7,7 +7,6 @@ never a silent zero. Every number comes from the metric functions in hsae.eval.
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

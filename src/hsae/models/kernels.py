@@ -626,22 +626,32 @@ class _SparseTopKStep(torch.autograd.Function):
         g = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W_dec, cols, bag_offsets[:-1], bags, 0, -1)
         del G, bags
         g.mul_(vals > 0)  # ReLU: no gradient where the value was clipped to 0
-        gb = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
-        if grad_z is not None:
-            gb.index_add_(0, dead_cols, grad_z.sum(0))
-        if need_be:
-            grad_be = gb
-        if need_bd:
-            grad_bd.addmv_(W_enc, gb, alpha=-1)
-        if need_we:
-            if n_bags > n:
-                bags_sorted.remainder_(n)  # AuxK bags n + r read token r
-            g_sorted = g.index_select(0, order)
-            del g, order
-            grad_we = _segment_sum_transposed(bags_sorted, g_sorted, x, ptr, s, b_dec, gb)
-            if grad_z is not None:  # the b_dec part is in gb already
-                grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(s))
+        g_sorted = g.index_select(0, order)
+        del g
+        grad_we, grad_be = encoder_grads(W_enc, x, s, b_dec, cols.index_select(0, order), g_sorted, bags_sorted, ptr,
+                                         n, grad_bd, need_we, need_be, grad_z, dead_cols)
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
+
+
+def encoder_grads(W_enc: Tensor, x: Tensor, scale: float, b_dec: Tensor, cols: Tensor, g: Tensor, bags: Tensor,
+                  ptr: Tensor, n: int, grad_bd: Tensor | None, need_we: bool, need_be: bool,
+                  grad_z: Tensor | None = None, dead_cols: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """(grad W_enc, grad b_enc) from the gradients g of the selected pre-activations, entries sorted
+    by latent (cols, bags with CSR pointer ptr; bags >= n are AuxK bags of token bag - n), plus a dense
+    AuxK block's value gradients grad_z over `dead_cols`; grad_bd gets the encoder's share,
+    -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec)."""
+    gb = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
+    if grad_z is not None:
+        gb.index_add_(0, dead_cols, grad_z.sum(0))
+    if grad_bd is not None:
+        grad_bd.addmv_(W_enc, gb, alpha=-1)
+    grad_we = None
+    if need_we:
+        bags.remainder_(n)  # AuxK bags n + r read token r
+        grad_we = _segment_sum_transposed(bags, g, x, ptr, scale, b_dec, gb)
+        if grad_z is not None:  # the b_dec part is in gb already
+            grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(scale))
+    return grad_we, (gb if need_be else None)
 
 
 # Latents per block of the grad-W_enc segment sum (its (block, d_in) result is transposed in cache).

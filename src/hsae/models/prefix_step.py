@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hsae.models.kernels import (
-    TopKSelection, _group_by_latent, _segment_sum_transposed, _selection_entries, dense_aux_backward,
-    dense_aux_forward,
+    TopKSelection, _group_by_latent, _selection_entries, dense_aux_backward, dense_aux_forward, encoder_grads,
 )
 
 
@@ -191,19 +190,8 @@ class _SparsePrefixStep(torch.autograd.Function):
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 10)
         gv.mul_(vals_s > 0)  # ReLU: no gradient where the value was clipped to 0
-        gb = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols_s, gv)
-        if grad_z is not None:
-            gb.index_add_(0, dead_cols, grad_z.sum(0))
-        if need_be:
-            grad_be = gb
-        if need_bd:
-            grad_bd.addmv_(W_enc, gb, alpha=-1)
-        if need_we:
-            if n_bags > n:
-                bags_s.remainder_(n)  # AuxK bags n + r read token r
-            grad_we = _segment_sum_transposed(bags_s, gv, x, ptr, s, b_dec, gb)
-            if grad_z is not None:  # the b_dec part is in gb already
-                grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(s))
+        grad_we, grad_be = encoder_grads(W_enc, x, s, b_dec, cols_s, gv, bags_s, ptr, n, grad_bd, need_we, need_be,
+                                         grad_z, dead_cols)
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 10)
 
 
