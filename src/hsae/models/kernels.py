@@ -17,7 +17,9 @@ Everything after that matmul touches only the selected (token, latent) entries:
   reconstruction loss and AuxK loss in one autograd function whose backward writes all four
   parameter gradients from the active entries (codes and AuxK entries together, one grouping by
   latent), grad W_enc block by block in its own (d_in, n_latents) layout from the raw batch, freeing
-  its (n, d_in) buffers as soon as they are used (peak memory).
+  its (n, d_in) buffers as soon as they are used (peak memory). AuxK over few dead latents comes as a
+  dense (n, n_dead) block instead of entries (`dense_aux_codes`, `dense_aux_forward/backward`): small
+  matmuls beat per-entry gathers when k_aux is near the dead count.
 - `topk_select`, `batch_topk_select` and `masked_topk_select`: selection without autograd.
   `BatchTopKCollector` selects the batch-wide top k*n from row chunks of pre-activations, keeping
   only candidates above a running lower bound (and an optional hint, verified), exactly.

@@ -153,7 +153,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         (BatchTopKSAE._select_sparse), then one custom autograd function
         (`prefix_step.sparse_prefix_step`) decodes group by group, forms every prefix's loss and
         AuxK, and writes the four parameter gradients through the selected entries. Same codes,
-        losses and gradients as the dense formulation (tests/test_hierarchical.py checks them)."""
+        losses and gradients as the dense formulation (tests/test_prefix_step.py checks them)."""
         from hsae.models.base import SAEOutput
 
         if x.dim() != 2 or x.shape[-1] != self.d_in:

@@ -19,10 +19,12 @@ entries (codes and AuxK) are sorted by latent once; because a group is a contigu
 latents, group g's entries are a contiguous slice of that order, so its rows of grad W_dec (a segment
 sum) and its entries' value gradients (sampled dot products) are taken against the current S in one
 slice. AuxK entries in the slice read their own bags (n + r, the AuxK gradient), so each entry is
-handled exactly once with the gradient that belongs to it. The encoder gradients then follow exactly
-as in `kernels._SparseTopKStep` (grad W_enc block by block in its own layout, from the raw batch).
+handled exactly once with the gradient that belongs to it. AuxK over few dead latents comes instead
+as a dense block over their columns (`kernels.dense_aux_forward/backward`, as the TopK step). The
+encoder gradients then follow exactly as in `kernels._SparseTopKStep` (`kernels.encoder_grads`: grad
+W_enc block by block in its own layout, from the raw batch).
 
-tests/test_hierarchical.py checks losses and all gradients against the dense formulation.
+tests/test_prefix_step.py checks losses and all gradients against the dense formulation.
 """
 
 from __future__ import annotations
