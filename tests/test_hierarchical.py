@@ -148,34 +148,6 @@ def test_forest_hierarchy_links_consecutive_levels():
     assert kids.numel() == 24 - int(0.2 * 24)  # the weakest 20% stay unassigned
 
 
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_matryoshka_sparse_training_path_equals_dense(with_dead):
-    from hsae.models.base import StepContext
-
-    m = _fresh("matryoshka", 64, 4, group_fractions=[0.25, 0.25, 0.5]).double().train()
-    with torch.no_grad():
-        m.b_dec.normal_()
-        m.b_enc.normal_(0, 0.1)
-    x = torch.randn(40, 16, dtype=torch.float64)
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = with_dead
-    results = []
-    for sparse in (True, False):
-        m.sparse_training = sparse
-        m.zero_grad()
-        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
-        out.loss.backward()
-        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (sp, g_sp), (de, g_de) = results
-    assert set(sp.losses) == set(de.losses) == ({"mse", "prefix_mse", "auxk"} if with_dead else {"mse", "prefix_mse"})
-    for key in sp.losses:
-        assert torch.allclose(sp.losses[key], de.losses[key], atol=1e-10)
-    assert torch.allclose(sp.x_hat, de.x_hat, atol=1e-10)
-    assert torch.equal(to_dense(sp.codes) != 0, to_dense(de.codes) != 0)
-    for name in g_de:
-        assert torch.allclose(g_sp[name], g_de[name], atol=1e-10), name
-
-
 def test_matryoshka_sampled_groups_are_nested_prefixes():
     m = _fresh("matryoshka", 64, 4, sampled_groups=True, n_sampled_prefixes=4)
     m.train()
