@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from hsae.models import StepContext, get_family
+from hsae.models import StepContext, cpu_select, get_family
 from hsae.models.base import SAE
 from hsae.models.codes import SparseCodes
 from hsae.models.kernels import (
@@ -293,14 +293,119 @@ def test_bf16_compute_dtype_matches_between_paths_and_costs_little():
     assert abs(mse16 - mse32) < 0.05 * mse32
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch-ops"])
 @pytest.mark.parametrize("n,m,k", [(50, 512, 8), (33, 6144, 32), (20, 96, 3), (10, 100, 7), (5, 64, 64)])
-def test_topk_select_equals_torch_topk(n, m, k):
+def test_topk_select_equals_torch_topk(n, m, k, compiled):
+    if compiled and not cpu_select.enabled():
+        pytest.skip("numba is not importable here")
     torch.manual_seed(11)
     pre = torch.randn(n, m)
-    vals, idx = topk_select(pre, k)
+    vals, idx = topk_select(pre, k, compiled=compiled)
     ref_v, ref_i = pre.topk(k, dim=-1)
     assert torch.equal(idx.sort(-1).values, ref_i.sort(-1).values)
     _close(vals.sort(-1).values, ref_v.relu().sort(-1).values, rtol=0, atol=0)
+
+
+def _hard_rows(m: int) -> torch.Tensor:
+    """Rows that exercise the compiled selection's edge cases."""
+    torch.manual_seed(5)
+    rows = [
+        torch.randn(m),
+        torch.randint(0, 4, (m,)).float(),  # massive ties: the fallback (too many candidates)
+        torch.randint(0, 40, (m,)).float(),  # ties at the threshold
+        torch.zeros(m),  # all equal
+        -torch.rand(m) - 1,  # all negative: values ReLU to 0, indices still the top k
+        torch.where(torch.rand(m) < 0.5, torch.tensor(float("-inf")), torch.randn(m)),
+        torch.cat([torch.full((m - 40,), -1.0), torch.arange(40.0)]),  # the top k in the last blocks
+        torch.linspace(-3, 3, m),  # sorted: the top k in a few strided blocks
+        torch.randn(m).exp().mul(1e30),  # large magnitudes
+        torch.randn(m) * torch.rand(m).pow(8) * 5 + torch.randn(m) * 0.01,  # heavy-tailed
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k", [(6144, 32), (512, 16), (256, 1), (96, 3)])
+def test_compiled_topk_select_edge_cases(m, k, dtype):
+    pre = _hard_rows(m).to(dtype)
+    vals, idx = topk_select(pre, k, compiled=True)
+    ref_v, _ = pre.topk(k, dim=-1)
+    assert idx.dtype == torch.long and vals.dtype == dtype
+    for r in range(pre.shape[0]):
+        assert idx[r].unique().numel() == k  # distinct latents
+        # the selected entries are the top k (which of equal values is taken is unspecified)
+        assert torch.equal(pre[r, idx[r]].sort().values, ref_v[r].sort().values)
+    _close(vals, pre.gather(1, idx).relu(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+def test_compiled_topk_select_nan_rows_fall_back_to_torch_topk():
+    pre = torch.randn(6, 512)
+    pre[1, 17] = float("nan")
+    pre[4] = float("nan")
+    vals, idx = topk_select(pre, 8, compiled=True)
+    ref_v, ref_i = pre.topk(8, dim=-1)
+    assert torch.equal(idx.sort(-1).values, ref_i.sort(-1).values)
+    assert torch.equal(vals.sort(-1).values.isnan(), ref_v.relu().sort(-1).values.isnan())
+
+
+@pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+def test_compiled_topk_select_writes_into_slices_and_keeps_torch_threads():
+    torch.manual_seed(3)
+    pre = torch.randn(40, 1024)
+    values, indices = torch.full((100, 8), -1.0), torch.full((100, 8), -1, dtype=torch.long)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        v, i = topk_select(pre, 8, values[30:70], indices[30:70], compiled=True)
+        assert torch.get_num_threads() == 1  # starting numba's threads must not change torch's count
+    finally:
+        torch.set_num_threads(threads)
+    assert v.data_ptr() == values[30:70].data_ptr() and i.data_ptr() == indices[30:70].data_ptr()
+    assert (values[:30] == -1).all() and (values[70:] == -1).all()
+    assert torch.equal(indices[30:70].sort(-1).values, pre.topk(8, dim=-1).indices.sort(-1).values)
+    # a non-contiguous input and an output that is not a plain (n, k) block still work
+    v, i = topk_select(pre.t().contiguous().t(), 8, compiled=True)
+    assert torch.equal(i.sort(-1).values, pre.topk(8, dim=-1).indices.sort(-1).values)
+
+
+@pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [512, 96, 100])
+def test_compiled_entries_at_least_equal_torch_ops(m, dtype, monkeypatch):
+    """BatchTopK's candidate filter: the compiled kernel keeps exactly the entries the torch ops keep."""
+    from hsae.models.kernels import _entries_at_least
+
+    pre = torch.cat([_hard_rows(m), torch.randn(30, m)]).to(dtype)
+    pre[3, 5] = float("nan")
+    for thr in (float("-inf"), -0.5, 0.0, 0.3, 1.7, 1e31, 1 / 3):
+        pos, vals = _entries_at_least(pre, thr)
+        monkeypatch.setenv("HSAE_NUMBA", "0")
+        ref_pos, ref_vals = _entries_at_least(pre, thr)
+        monkeypatch.delenv("HSAE_NUMBA")
+        order, ref_order = pos.argsort(), ref_pos.argsort()
+        assert torch.equal(pos[order], ref_pos[ref_order])
+        assert torch.equal(vals[order], ref_vals[ref_order])
+        assert torch.equal(vals, pre.reshape(-1)[pos])
+
+
+@pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+def test_a_kernel_that_fails_to_compile_falls_back_to_torch_ops_with_a_warning(monkeypatch):
+    from hsae.models.kernels import _entries_at_least
+
+    def broken(*args):
+        raise cpu_select.CompileError("no LLVM target here")
+
+    monkeypatch.setattr(cpu_select, "_select_rows", broken)
+    monkeypatch.setattr(cpu_select, "_disabled", None)
+    pre = torch.randn(20, 512)
+    with pytest.warns(UserWarning, match="no LLVM target here.*torch ops"):
+        vals, idx = topk_select(pre, 8)
+    assert torch.equal(idx.sort(-1).values, pre.topk(8, dim=-1).indices.sort(-1).values)
+    assert not cpu_select.enabled()  # once: later calls go straight to the torch ops
+    pos, _ = _entries_at_least(pre, 1.0)
+    assert torch.equal(pos.sort().values, (pre.reshape(-1) >= 1.0).nonzero().squeeze(1))
 
 
 # ----- chunked BatchTopK, the fused sparse step ------------------------------------------------------

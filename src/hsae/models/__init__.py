@@ -13,7 +13,7 @@ from hsae.models.base import SAE, SAEOutput, StepContext, load
 from hsae.models.codes import Codes, SparseCodes, to_dense
 
 _FAMILIES: dict[str, type[SAE]] = {}
-_INFRASTRUCTURE = {"base", "codes", "kernels", "partition", "penalty"}
+_INFRASTRUCTURE = {"base", "codes", "cpu_select", "kernels", "partition", "penalty", "prefix_step"}
 _discovered = False
 
 S = TypeVar("S", bound=type[SAE])

@@ -22,7 +22,8 @@ Everything after that matmul touches only the selected (token, latent) entries:
   matmuls beat per-entry gathers when k_aux is near the dead count.
 - `topk_select`, `batch_topk_select` and `masked_topk_select`: selection without autograd.
   `BatchTopKCollector` selects the batch-wide top k*n from row chunks of pre-activations, keeping
-  only candidates above a running lower bound (and an optional hint, verified), exactly.
+  only candidates above a running lower bound (and an optional hint, verified), exactly. On the
+  CPU the per-row top-k and the candidate filter run compiled (`hsae.models.cpu_select`, numba).
 - `encode_topk_chunked` / `encode_batch_topk_chunked`: pre-activations, TopK or BatchTopK and AuxK
   selection in row chunks, so the full (n, n_latents) pre-activation tensor never exists while
   training (peak memory) and each chunk stays in cache while it is selected from.
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hsae.models import cpu_select
 
 # Rows of pre-activations handled at once by `encode_topk_chunked` (memory: chunk x n_latents floats).
 # Every op runs with all intra-op threads: 512 rows keep the per-chunk selection ops (top-k, gather,
@@ -222,27 +225,52 @@ def _block_size(m: int, k: int) -> int:
 
 
 @torch.no_grad()
-def topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(values ReLU'd, indices) of the k largest entries of each row, in no particular order.
+def topk_select(pre: Tensor, k: int, values: Tensor | None = None, indices: Tensor | None = None,
+                *, compiled: bool | None = None) -> tuple[Tensor, Tensor]:
+    """(values ReLU'd, indices) of the k largest entries of each row, in no particular order
+    (written into `values` / `indices`, contiguous (n, k) tensors, when given).
 
-    Two-stage selection, exact: each row is split into `nb` strided blocks of B entries (entry b * nb
-    + j is in block j); the k blocks with the largest maxima hold every one of the row's top k entries
-    (each of those is <= its block's maximum, and at most k blocks have a maximum >= the k-th largest
-    entry), so the top k of those k * B candidates is the row's top k. That is a fast vectorised max,
-    a top-k over nb block maxima and one over k * B candidates instead of one over all m entries (ties
-    may pick a different but equal-valued entry, as torch.topk's own order is unspecified)."""
+    On the CPU, exact and without a full per-row sort: by the compiled kernel of
+    `hsae.models.cpu_select` (numba; `compiled=False` or HSAE_NUMBA=0 switch it off), else by a
+    two-stage selection in torch ops: each row is split into `nb` strided blocks of B entries (entry
+    b * nb + j is in block j); the k blocks with the largest maxima hold every one of the row's top k
+    entries (each of those is <= its block's maximum, and at most k blocks have a maximum >= the k-th
+    largest entry), so the top k of those k * B candidates is the row's top k. That is a fast
+    vectorised max, a top-k over nb block maxima and one over k * B candidates instead of one over all
+    m entries. Ties may pick a different but equal-valued entry, as torch.topk's own order is
+    unspecified."""
     n, m = pre.shape
     size = _block_size(m, k)
     if size == 0 or pre.device.type != "cpu":
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        return values.relu_(), indices
+        v, i = pre.topk(k, dim=-1, sorted=False)
+        return _into(v.relu_(), i, values, indices)
+    if (cpu_select.enabled() if compiled is None else compiled) and pre.dtype in (torch.float32, torch.float64):
+        ok_out = all(t is None or (t.is_contiguous() and t.shape == (n, k)) for t in (values, indices))
+        try:
+            v, i = cpu_select.select_topk(pre.detach().contiguous(), k, size,
+                                          *((values, indices) if ok_out else (None, None)))
+        except cpu_select.CompileError as err:  # go on with the torch ops below
+            cpu_select.disable(err)
+        else:
+            return (v, i) if ok_out else _into(v, i, values, indices)
     nb = m // size
     blocks = pre.view(n, size, nb)
     _, top_blocks = blocks.amax(1).topk(k, dim=-1, sorted=False)
     cand = blocks.gather(2, top_blocks.unsqueeze(1).expand(n, size, k)).view(n, size * k)
-    values, pos = cand.topk(k, dim=-1, sorted=False)
-    indices = torch.div(pos, k, rounding_mode="floor").mul_(nb).add_(top_blocks.gather(1, pos.remainder(k)))
-    return values.relu_(), indices
+    v, pos = cand.topk(k, dim=-1, sorted=False)
+    i = torch.div(pos, k, rounding_mode="floor").mul_(nb).add_(top_blocks.gather(1, pos.remainder(k)))
+    return _into(v.relu_(), i, values, indices)
+
+
+def _into(v: Tensor, i: Tensor, values: Tensor | None, indices: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(v, i), copied into the given output tensors."""
+    if values is not None:
+        values.copy_(v)
+        v = values
+    if indices is not None:
+        indices.copy_(i)
+        i = indices
+    return v, i
 
 
 @torch.no_grad()
@@ -270,6 +298,11 @@ def _entries_at_least(pre: Tensor, thr: float) -> tuple[Tensor, Tensor]:
     small part of the chunk is compared entry by entry when the threshold is high."""
     c, m = pre.shape
     size = next((s for s in (16, 8, 4) if m % s == 0 and m // s >= 2), 0)
+    if size and cpu_select.enabled() and pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64):
+        try:
+            return cpu_select.entries_at_least(pre.detach().contiguous(), thr, size)  # the same, compiled
+        except cpu_select.CompileError as err:  # go on with the torch ops below
+            cpu_select.disable(err)
     if size == 0:
         mask = pre > 0 if thr <= 0 else pre >= thr
         return mask.reshape(-1).nonzero().squeeze(1), pre[mask]
@@ -473,7 +506,7 @@ def encode_topk_chunked(
     for s, pre in iter_pre_chunks(xc, W_enc, b_enc, scale=scale, b_dec=b_dec, compute_dtype=compute_dtype,
                                   chunk_rows=chunk_rows):
         e = s + pre.shape[0]
-        values[s:e], indices[s:e] = topk_select(pre, k)
+        topk_select(pre, k, values[s:e], indices[s:e])
         if aux:
             aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
     if aux:
@@ -528,18 +561,20 @@ def dense_aux_forward(E: Tensor, aux_z: Tensor, W_dec: Tensor, dead_cols: Tensor
 
 
 def dense_aux_backward(A: Tensor | None, g_aux: Tensor | None, aux_coef: float, W_dec: Tensor, dead_cols: Tensor,
-                       aux_z: Tensor, grad_wd: Tensor | None) -> Tensor | None:
-    """Backward of `dense_aux_forward` (A is overwritten): dA = 2 coef g / n * A, grad W_dec[dead] +=
-    z^T dA (into grad_wd when given), and the gradient of the block's values, dA W_dec[dead]^T where
-    z > 0 (None without an AuxK block or gradient). The caller adds the encoder's share: colsum into
-    grad b_enc's buffer (gb) and scale * x^T grad_z into grad W_enc's dead columns."""
+                       aux_z: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of `dense_aux_forward` (A is overwritten): dA = 2 coef g / n * A; returns the gradient
+    of the block's values, dA W_dec[dead]^T where z > 0, and the block's share of grad W_dec[dead],
+    z^T dA ((None, None) without an AuxK block or gradient). Callers run it first in their backward,
+    so that A and the block can be freed before the (n_latents, d) gradients exist (peak memory), and
+    add the encoder's share: colsum into grad b_enc's buffer (gb) and scale * x^T grad_z into grad
+    W_enc's dead columns (`encoder_grads`)."""
     if A is None or g_aux is None:
-        return None
+        return None, None
     A.mul_(g_aux * (2 * aux_coef / max(1, A.shape[0])))
-    if grad_wd is not None:
-        grad_wd.index_add_(0, dead_cols, aux_z.t() @ A)
-    return (A @ W_dec.index_select(0, dead_cols).t()).mul_(aux_z > 0)
-
+    W_dead = W_dec.index_select(0, dead_cols)
+    grad_w_dead = aux_z.t() @ A
+    grad_z = (A @ W_dead.t()).mul_(aux_z > 0)
+    return grad_z, grad_w_dead
 
 
 class _SparseTopKStep(torch.autograd.Function):
@@ -561,7 +596,10 @@ class _SparseTopKStep(torch.autograd.Function):
     def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef, dead_cols, aux_z):  # type: ignore[override]
         n = x.shape[0]
         n_bags = bag_offsets.numel() - 1
-        out = F.embedding_bag(cols, W_dec, bag_offsets, mode="sum", per_sample_weights=vals, include_last_offset=True)
+        # W_dec.detach(): embedding_bag of a weight that requires grad also builds what its own backward
+        # would need (bag ids, sizes), ~15% of the call; this function has its own backward.
+        out = F.embedding_bag(cols, W_dec.detach(), bag_offsets, mode="sum", per_sample_weights=vals,
+                              include_last_offset=True)
         x_hat = out[:n].add(b_dec)
         if scale != 1.0:
             x_hat.div_(scale)
@@ -580,8 +618,9 @@ class _SparseTopKStep(torch.autograd.Function):
         else:
             aux = torch.zeros((), dtype=out.dtype, device=out.device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols, aux_z)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols)
         ctx.out = out  # not saved: the backward overwrites it in place and frees it early
+        ctx.aux_z = aux_z  # (no autograd history) likewise freed as soon as the backward is done with it
         ctx.scale, ctx.aux_coef = scale, aux_coef
         return x_hat, mse, aux
 
@@ -591,8 +630,10 @@ class _SparseTopKStep(torch.autograd.Function):
         if G is None:
             raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.out = None
-        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols, aux_z = ctx.saved_tensors
-        A, ctx.dense_A = ctx.dense_A, None
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols = ctx.saved_tensors
+        # A dense AuxK block first: its (n, d) error and (n, n_dead) codes go before any gradient exists.
+        grad_z, grad_wd_dead = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
+        ctx.dense_A = ctx.aux_z = None
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]
@@ -620,9 +661,9 @@ class _SparseTopKStep(torch.autograd.Function):
         if need_wd:
             grad_wd = F.embedding_bag(bags_sorted, G, ptr, mode="sum", per_sample_weights=vals.index_select(0, order),
                                       include_last_offset=True)
-        # A dense AuxK block: its values' gradient joins the encoder gradients below.
-        grad_z = dense_aux_backward(A, g_aux, ctx.aux_coef, W_dec, dead_cols, aux_z, grad_wd)
-        del A
+            if grad_wd_dead is not None:
+                grad_wd.index_add_(0, dead_cols, grad_wd_dead)
+        del grad_wd_dead
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 8)
         g = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W_dec, cols, bag_offsets[:-1], bags, 0, -1)
@@ -691,11 +732,8 @@ def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec
         p0, p1 = bounds[blk], bounds[blk + 1]
         part = F.embedding_bag(rows[p0:p1], table, ptr[j0 : j1 + 1] - p0, mode="sum",
                                per_sample_weights=weights[p0:p1], include_last_offset=True)
-        dst = out[:, j0:j1]
-        dst.copy_(part.t())
-        if scale != 1.0:
-            dst.mul_(scale)
-        dst.addr_(b_dec, colsum[j0:j1], alpha=-1)
+        # scale * part^T - b_dec (x) colsum, written into the block's columns in one pass
+        torch.addr(part.t(), b_dec, colsum[j0:j1], beta=scale, alpha=-1, out=out[:, j0:j1])
 
 
 def _selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:

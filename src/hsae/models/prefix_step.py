@@ -40,7 +40,10 @@ from hsae.models.kernels import (
 
 def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) -> Tensor:
     """Rows of sum_e vals[e] * W_dec[cols[e]] for the CSR bags `offsets` over entries starting at p0."""
-    return F.embedding_bag(cols, W_dec, offsets - p0, mode="sum", per_sample_weights=vals, include_last_offset=True)
+    # detached: the caller has its own backward, and embedding_bag of a weight that requires grad
+    # also builds what autograd would need
+    return F.embedding_bag(cols, W_dec.detach(), offsets - p0, mode="sum", per_sample_weights=vals,
+                           include_last_offset=True)
 
 
 # Rows decoded at once when a group's reconstruction is added to the running error: the temporary
@@ -130,7 +133,8 @@ class _SparsePrefixStep(torch.autograd.Function):
             aux = torch.zeros((), dtype=E.dtype, device=device)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff,
-                              dead_cols, aux_z)
+                              dead_cols)
+        ctx.aux_z = aux_z  # (no autograd history) freed as soon as the backward is done with it
         ctx.E, ctx.G = E, G  # not saved: the backward overwrites them in place
         ctx.scale, ctx.aux_coef, ctx.bounds, ctx.starts = scale, aux_coef, bounds, starts
         return x_hat, mse, prefix, aux
@@ -141,8 +145,11 @@ class _SparsePrefixStep(torch.autograd.Function):
         if E is None:
             raise RuntimeError("the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.E = ctx.G = None
-        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols, aux_z = ctx.saved_tensors
-        A, ctx.dense_A = ctx.dense_A, None
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
+        # A dense AuxK block first (as in kernels._SparseTopKStep): its (n, d) error and (n, n_dead)
+        # codes go before any gradient exists.
+        grad_z, grad_wd_dead = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
+        ctx.dense_A = ctx.aux_z = None
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]
@@ -186,9 +193,9 @@ class _SparsePrefixStep(torch.autograd.Function):
         if need_bd:
             grad_bd = S.sum(0)
         del S, G
-        # A dense AuxK block, as in kernels._SparseTopKStep.
-        grad_z = dense_aux_backward(A, g_aux, ctx.aux_coef, W_dec, dead_cols, aux_z, grad_wd)
-        del A
+        if grad_wd is not None and grad_wd_dead is not None:
+            grad_wd.index_add_(0, dead_cols, grad_wd_dead)
+        del grad_wd_dead
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 10)
         gv.mul_(vals_s > 0)  # ReLU: no gradient where the value was clipped to 0
