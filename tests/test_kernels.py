@@ -5,6 +5,7 @@ decoder, the encoder's sparse backward, the selections, and whole TopK / BatchTo
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -293,6 +294,7 @@ def test_bf16_compute_dtype_matches_between_paths_and_costs_little():
     assert abs(mse16 - mse32) < 0.05 * mse32
 
 
+@pytest.mark.filterwarnings("error")  # a kernel that fails to compile must fail here, not fall back
 @pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch-ops"])
 @pytest.mark.parametrize("n,m,k", [(50, 512, 8), (33, 6144, 32), (20, 96, 3), (10, 100, 7), (5, 64, 64)])
 def test_topk_select_equals_torch_topk(n, m, k, compiled):
@@ -325,6 +327,7 @@ def _hard_rows(m: int) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+@pytest.mark.filterwarnings("error")  # a kernel that fails to compile must fail here, not fall back
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("m,k", [(6144, 32), (512, 16), (256, 1), (96, 3)])
 def test_compiled_topk_select_edge_cases(m, k, dtype):
@@ -371,6 +374,7 @@ def test_compiled_topk_select_writes_into_slices_and_keeps_torch_threads():
 
 
 @pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+@pytest.mark.filterwarnings("error")  # a kernel that fails to compile must fail here, not fall back
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("m", [512, 96, 100])
 def test_compiled_entries_at_least_equal_torch_ops(m, dtype, monkeypatch):
@@ -379,7 +383,8 @@ def test_compiled_entries_at_least_equal_torch_ops(m, dtype, monkeypatch):
 
     pre = torch.cat([_hard_rows(m), torch.randn(30, m)]).to(dtype)
     pre[3, 5] = float("nan")
-    for thr in (float("-inf"), -0.5, 0.0, 0.3, 1.7, 1e31, 1 / 3):
+    pre[12, :: max(1, m // 7)] = float("nan")  # NaNs among positive entries of their blocks
+    for thr in (float("-inf"), -0.5, 0.0, 1e-310, 0.3, 1.7, 1e31, 1 / 3, float("inf")):
         pos, vals = _entries_at_least(pre, thr)
         monkeypatch.setenv("HSAE_NUMBA", "0")
         ref_pos, ref_vals = _entries_at_least(pre, thr)
@@ -406,6 +411,43 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_torch_ops_with_a_warning(m
     assert not cpu_select.enabled()  # once: later calls go straight to the torch ops
     pos, _ = _entries_at_least(pre, 1.0)
     assert torch.equal(pos.sort().values, (pre.reshape(-1) >= 1.0).nonzero().squeeze(1))
+
+
+def test_topk_select_of_zero_entries():
+    for compiled in (True, False):
+        vals, idx = topk_select(torch.randn(3, 64), 0, compiled=compiled)
+        assert vals.shape == idx.shape == (3, 0)
+
+
+@pytest.mark.skipif(not cpu_select.enabled() or not hasattr(os, "fork"), reason="needs numba and fork()")
+def test_forked_child_selects_with_torch_ops():
+    """GNU OpenMP cannot start a thread team in a forked child of a process that used one (the
+    child is killed): children of a process that ran the kernels select with torch ops instead."""
+    pre = torch.randn(64, 512)
+    topk_select(pre, 8)  # the parent starts numba's (OpenMP) threads
+    ref = pre.topk(8, dim=-1).indices.sort(-1).values
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if it selects correctly and knows it is forked
+        code = 1
+        try:
+            _, idx = topk_select(pre, 8)
+            code = 0 if torch.equal(idx.sort(-1).values, ref) and not cpu_select.enabled() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert cpu_select.enabled()  # the parent keeps its kernels
+
+
+@pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
+def test_compiled_selection_from_several_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    pres = [torch.randn(256, 1024) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: topk_select(p, 16)[1], pres))
+    for p, idx in zip(pres, results):
+        assert torch.equal(idx.sort(-1).values, p.topk(16, dim=-1).indices.sort(-1).values)
 
 
 # ----- chunked BatchTopK, the fused sparse step ------------------------------------------------------

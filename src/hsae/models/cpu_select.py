@@ -23,8 +23,10 @@ threshold, reading only the blocks whose maximum passes), compiled the same way.
 
 Rows the kernel cannot settle cheaply (NaNs, or more than `MAX_CANDIDATES_PER_K` * k candidates, e.g. a
 row of equal values) are flagged and re-selected with `torch.topk`, so the result is always exact.
-The kernels are used by `kernels.topk_select` and `kernels._entries_at_least` when numba imports (it is a dependency of hsae) and
-`HSAE_NUMBA=0` is not set; it compiles once per machine (a few seconds, cached on disk).
+The kernels are used by `kernels.topk_select` and `kernels._entries_at_least` when numba imports (it
+is a dependency of hsae), `HSAE_NUMBA=0` is not set and the process is not a forked child (GNU OpenMP
+cannot start threads in a child of a process that used them); they compile once per machine (a few
+seconds, cached on disk).
 tests/test_kernels.py checks them against `torch.topk` and the torch ops, with ties, NaNs, infinities,
 negative rows and both float dtypes.
 """
@@ -32,6 +34,7 @@ negative rows and both float dtypes.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -60,14 +63,33 @@ _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 # Why the kernels were switched off in this process (a compilation failure), or None.
 _disabled: str | None = None
+# Set in a child made by fork(): GNU OpenMP (numba's threading layer here, and torch's) cannot start
+# a thread team in a forked child of a process that used one (the child is killed), so children go
+# on with torch ops.
+_forked = False
 # What a failure to compile or run a kernel raises.
 CompileError: type[Exception] = numba.core.errors.NumbaError if numba is not None else RuntimeError
+# One call at a time: numba's fallback "workqueue" threading layer aborts on concurrent use.
+_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def available() -> bool:
+    """Whether the kernels can run in this process at all (numba imported, not a forked child)."""
+    return numba is not None and not _forked
 
 
 def enabled() -> bool:
-    """Whether the kernels can run here: numba imported, not switched off by HSAE_NUMBA=0, and not
-    failed to compile in this process."""
-    return numba is not None and _disabled is None and os.environ.get("HSAE_NUMBA", "1") != "0"
+    """Whether the kernels are used: available, not switched off by HSAE_NUMBA=0, and not failed to
+    compile in this process."""
+    return available() and _disabled is None and os.environ.get("HSAE_NUMBA", "1") != "0"
 
 
 def disable(err: Exception) -> None:
@@ -240,19 +262,24 @@ def entries_at_least(pre: Tensor, thr: float, size: int) -> tuple[Tensor, Tensor
 
 
 class _torch_threads:
-    """Run compiled parallel loops on torch's intra-op thread count, and leave it unchanged: numba's
+    """Run compiled parallel loops one call at a time (`_lock`) on torch's intra-op thread count, and
+    leave that count unchanged: numba's
     OpenMP layer shares torch's OpenMP runtime (one thread team, no oversubscription), but starting
     it sets the runtime's thread count to numba's default."""
 
     def __enter__(self):
+        _lock.acquire()
         self.threads = torch.get_num_threads()
         want = min(self.threads, numba.config.NUMBA_NUM_THREADS)
         if numba.get_num_threads() != want:
             numba.set_num_threads(want)
 
     def __exit__(self, *exc):
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        try:
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+        finally:
+            _lock.release()
 
 
 def select_topk(pre: Tensor, k: int, size: int, values: Tensor | None = None, indices: Tensor | None = None

@@ -244,8 +244,10 @@ def topk_select(pre: Tensor, k: int, values: Tensor | None = None, indices: Tens
     if size == 0 or pre.device.type != "cpu":
         v, i = pre.topk(k, dim=-1, sorted=False)
         return _into(v.relu_(), i, values, indices)
-    if (cpu_select.enabled() if compiled is None else compiled) and pre.dtype in (torch.float32, torch.float64):
-        ok_out = all(t is None or (t.is_contiguous() and t.shape == (n, k)) for t in (values, indices))
+    use = cpu_select.enabled() if compiled is None else (compiled and cpu_select.available())
+    if use and k > 0 and pre.dtype in (torch.float32, torch.float64):
+        ok_out = all(t is None or (t.is_contiguous() and t.shape == (n, k) and t.dtype == dt)
+                     for t, dt in ((values, pre.dtype), (indices, torch.long)))
         try:
             v, i = cpu_select.select_topk(pre.detach().contiguous(), k, size,
                                           *((values, indices) if ok_out else (None, None)))
@@ -303,16 +305,22 @@ def _entries_at_least(pre: Tensor, thr: float) -> tuple[Tensor, Tensor]:
             return cpu_select.entries_at_least(pre.detach().contiguous(), thr, size)  # the same, compiled
         except cpu_select.CompileError as err:  # go on with the torch ops below
             cpu_select.disable(err)
+
+    def passes(t: Tensor) -> Tensor:
+        # both tests when thr > 0: a threshold below the dtype's resolution rounds to 0 in the compare
+        return t > 0 if thr <= 0 else (t >= thr) & (t > 0)
+
     if size == 0:
-        mask = pre > 0 if thr <= 0 else pre >= thr
+        mask = passes(pre)
         return mask.reshape(-1).nonzero().squeeze(1), pre[mask]
     nb = m // size
     blocks = pre.view(c, size, nb)
     bm = blocks.amax(1)
-    hit = (bm > 0 if thr <= 0 else bm >= thr).nonzero()
+    bm.masked_fill_(bm.isnan(), math.inf)  # a NaN entry must not hide its block's other entries
+    hit = passes(bm).nonzero()
     r, b = hit[:, 0], hit[:, 1]
     cand = blocks[r, :, b]  # (hits, size): entry i of block (r, b) is latent i * nb + b of row r
-    mask = cand > 0 if thr <= 0 else cand >= thr
+    mask = passes(cand)
     pos = mask.nonzero()
     h, i = pos[:, 0], pos[:, 1]
     flat = r[h].mul_(m).add_(i.mul_(nb)).add_(b[h])
