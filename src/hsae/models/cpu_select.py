@@ -16,9 +16,10 @@ selection with almost no sorting, one row at a time while the row is in cache:
 4. the exact top k among the candidates by rank counting (branch-free compares; ties broken by
    candidate order), ReLU'd.
 
-On a (512 x 6144) chunk with k = 32 it takes 1.9 ms against 4.4 ms for the two-stage torch ops on one
-thread (1.0 vs 2.4 ms on two); a TopK training step (benchmarks/train_speed.py) went from 196 to
-177 ms on one thread. `entries_at_least` is BatchTopK's candidate filter (the entries above a
+`python benchmarks/topk_select.py --threads 1|2` (a 512 x 6144 chunk, k = 32): 2.0 ms against 4.4 ms
+for the two-stage torch ops and 7.0 ms for torch.topk on one thread (1.0 / 2.4 / 3.6 ms on two); a
+TopK training step (benchmarks/train_speed.py) takes about 14% longer without it (193 vs 169 ms on
+one thread, 102 vs 90 ms on two). `entries_at_least` is BatchTopK's candidate filter (the entries above a
 threshold, reading only the blocks whose maximum passes), compiled the same way.
 
 Rows the kernel cannot settle cheaply (NaNs, or more than `MAX_CANDIDATES_PER_K` * k candidates, e.g. a
