@@ -572,10 +572,9 @@ def dense_aux_backward(A: Tensor | None, g_aux: Tensor | None, aux_coef: float, 
                        aux_z: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """Backward of `dense_aux_forward` (A is overwritten): dA = 2 coef g / n * A; returns the gradient
     of the block's values, dA W_dec[dead]^T where z > 0, and the block's share of grad W_dec[dead],
-    z^T dA ((None, None) without an AuxK block or gradient). Callers run it first in their backward,
-    so that A and the block can be freed before the (n_latents, d) gradients exist (peak memory), and
-    add the encoder's share: colsum into grad b_enc's buffer (gb) and scale * x^T grad_z into grad
-    W_enc's dead columns (`encoder_grads`)."""
+    z^T dA ((None, None) without an AuxK block or gradient). Callers run it first in their backward
+    (`take_dense_aux_grads`) and add the encoder's share: colsum into grad b_enc's buffer (gb) and
+    scale * x^T grad_z into grad W_enc's dead columns (`encoder_grads`)."""
     if A is None or g_aux is None:
         return None, None
     A.mul_(g_aux * (2 * aux_coef / max(1, A.shape[0])))
@@ -583,6 +582,16 @@ def dense_aux_backward(A: Tensor | None, g_aux: Tensor | None, aux_coef: float, 
     grad_w_dead = aux_z.t() @ A
     grad_z = (A @ W_dead.t()).mul_(aux_z > 0)
     return grad_z, grad_w_dead
+
+
+def take_dense_aux_grads(ctx, g_aux: Tensor | None, W_dec: Tensor, dead_cols: Tensor | None
+                         ) -> tuple[Tensor | None, Tensor | None]:
+    """`dense_aux_backward` of the block a fused step's forward left on ctx (`dense_A`, `aux_z`),
+    releasing both: the steps call it first in their backward, so the block's (n, d) error and
+    (n, n_dead) codes are gone before any (n_latents, d) gradient exists (peak memory)."""
+    grads = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
+    ctx.dense_A = ctx.aux_z = None
+    return grads
 
 
 class _SparseTopKStep(torch.autograd.Function):
@@ -639,9 +648,7 @@ class _SparseTopKStep(torch.autograd.Function):
             raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.out = None
         W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols = ctx.saved_tensors
-        # A dense AuxK block first: its (n, d) error and (n, n_dead) codes go before any gradient exists.
-        grad_z, grad_wd_dead = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
-        ctx.dense_A = ctx.aux_z = None
+        grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hsae.models.kernels import (
-    TopKSelection, _group_by_latent, _selection_entries, dense_aux_backward, dense_aux_forward, encoder_grads,
+    TopKSelection, _group_by_latent, _selection_entries, dense_aux_forward, encoder_grads, take_dense_aux_grads,
 )
 
 
@@ -146,10 +146,7 @@ class _SparsePrefixStep(torch.autograd.Function):
             raise RuntimeError("the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.E = ctx.G = None
         W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
-        # A dense AuxK block first (as in kernels._SparseTopKStep): its (n, d) error and (n, n_dead)
-        # codes go before any gradient exists.
-        grad_z, grad_wd_dead = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
-        ctx.dense_A = ctx.aux_z = None
+        grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]
