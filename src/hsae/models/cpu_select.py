@@ -79,7 +79,8 @@ def _after_fork_in_child() -> None:
     _forked = True
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def available() -> bool:
