@@ -18,6 +18,21 @@ def _fresh(n, k, **opts):
     return fam(cfg)
 
 
+def _sparse_and_dense(m, x, dead, loss_of, seed=None):
+    """[(output, gradients by parameter name; None where a parameter got none)] of one step of `m`
+    on the sparse path, then on the dense one, backpropagating loss_of(output)."""
+    results = []
+    for sparse in (True, False):
+        m.sparse_training = sparse
+        m.zero_grad()
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
+        loss_of(out).backward()
+        results.append((out, {n: (p.grad.clone() if p.grad is not None else None) for n, p in m.named_parameters()}))
+    return results
+
+
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("groups", ["fixed", "sampled", "one"])
 @pytest.mark.parametrize("add_rows", [512, 7])
@@ -42,15 +57,8 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
     probe = torch.randn(40, 16, dtype=torch.float64)  # a gradient through x_hat too
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = with_dead
-    results = []
-    for sparse in (True, False):
-        m.sparse_training = sparse
-        m.zero_grad()
-        torch.manual_seed(5)  # the same sampled cut points on both paths
-        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
-        (out.loss + (out.x_hat * probe).sum()).backward()
-        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (sp, g_sp), (de, g_de) = results
+    # the same seed on both paths: the same sampled cut points
+    (sp, g_sp), (de, g_de) = _sparse_and_dense(m, x, dead, lambda out: out.loss + (out.x_hat * probe).sum(), seed=5)
     expect = {"mse"} | ({"prefix_mse"} if groups != "one" else set()) | ({"auxk"} if with_dead else set())
     assert set(sp.losses) == set(de.losses) == expect
     for key in sp.losses:
@@ -80,17 +88,12 @@ def test_prefix_step_scaled_inputs_and_each_loss_alone(weights, dtype):
     x = torch.randn(600, 16, generator=g, dtype=torch.float64).to(dtype)  # > one row block
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    results = []
-    for sparse in (True, False):
-        m.sparse_training = sparse
-        m.zero_grad()
-        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
+
+    def loss_of(out):
         loss = w_mse * out.losses["mse"] + w_prefix * out.losses["prefix_mse"] + w_aux * out.losses["auxk"]
-        if w_mse == 2.0:
-            loss = loss + out.x_hat.sum()
-        loss.backward()
-        results.append((out, {n: (p.grad.clone() if p.grad is not None else None) for n, p in m.named_parameters()}))
-    (sp, g_sp), (de, g_de) = results
+        return loss + out.x_hat.sum() if w_mse == 2.0 else loss
+
+    (sp, g_sp), (de, g_de) = _sparse_and_dense(m, x, dead, loss_of)
     tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
     for key in de.losses:
         torch.testing.assert_close(sp.losses[key], de.losses[key], **tol)
