@@ -47,8 +47,9 @@ def harvest(store: Path, tokens: int) -> None:
     if manifest and manifest.get("status") == "complete" and manifest.get("target_rows") == tokens:
         return
     loaded = load_model(device="cpu")
-    harvest_to_store(store, Harvester(loaded, ["encoder.layer.3"]), open_corpus("wordnet"), tokens=tokens,
-                     shard_rows=32768)
+    harvest_to_store(
+        store, Harvester(loaded, ["encoder.layer.3"]), open_corpus("wordnet"), tokens=tokens, shard_rows=32768
+    )
 
 
 def train_family(arch: str, store: Path, out: Path, args) -> None:
@@ -65,8 +66,13 @@ def train_family(arch: str, store: Path, out: Path, args) -> None:
     options = {"arch": arch, "d_in": 384, "n_latents": args.n_latents, "k": args.k, **FAMILY_OPTIONS.get(arch, {})}
     sae_config = from_dict(family.config_class, options, what=f"{arch} config")
     sae_config.validate()
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.steps,
-                               log_every=max(1, args.steps // 10), lr_warmup_steps=min(100, args.steps // 10))
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        checkpoint_every=args.steps,
+        log_every=max(1, args.steps // 10),
+        lr_warmup_steps=min(100, args.steps // 10),
+    )
     train(sae_config, train_config, ActivationStore.open(store), out, show_progress=False)
 
 
@@ -143,38 +149,82 @@ def main() -> None:
         absorb = sections.get("absorption") or {}
         wn = sections.get("wordnet") or {}
         row = {
-            "family": arch, "forest": forest, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-            "fvu": core.get("fvu"), "l0": core.get("l0"),
+            "family": arch,
+            "forest": forest,
+            "train_s": round(train_s, 1),
+            "eval_s": round(eval_s, 1),
+            "fvu": core.get("fvu"),
+            "l0": core.get("l0"),
             "dead_pct": None if core.get("dead_fraction") is None else 100 * core["dead_fraction"],
-            "emb_cosine": down.get("embedding_cosine"), "emb_cosine_zero": down.get("embedding_cosine_zero"),
-            "nn_kept": down.get("nn_kept"), "self_retrieval": down.get("self_retrieval"),
-            "absorption": absorb.get("mean_full_absorption"), "absorption_fraction": absorb.get("mean_absorption_fraction"),
-            "probe_f1": absorb.get("mean_probe_f1"), "letters": absorb.get("letters_evaluated"),
-            "wordnet_alignment": wn.get("edge_alignment"), "wordnet_random": wn.get("random_alignment"),
-            "wordnet_lift": wn.get("lift"), "edges_scored": wn.get("edges_scored"), "skipped": skipped,
+            "emb_cosine": down.get("embedding_cosine"),
+            "emb_cosine_zero": down.get("embedding_cosine_zero"),
+            "nn_kept": down.get("nn_kept"),
+            "self_retrieval": down.get("self_retrieval"),
+            "absorption": absorb.get("mean_full_absorption"),
+            "absorption_fraction": absorb.get("mean_absorption_fraction"),
+            "probe_f1": absorb.get("mean_probe_f1"),
+            "letters": absorb.get("letters_evaluated"),
+            "wordnet_alignment": wn.get("edge_alignment"),
+            "wordnet_random": wn.get("random_alignment"),
+            "wordnet_lift": wn.get("lift"),
+            "edges_scored": wn.get("edges_scored"),
+            "skipped": skipped,
         }
         rows.append(row)
-        print(f"{arch}: trained in {train_s:.0f}s, evaluated in {eval_s:.0f}s"
-              + (f" (skipped: {skipped})" if skipped else ""), flush=True)
+        print(
+            f"{arch}: trained in {train_s:.0f}s, evaluated in {eval_s:.0f}s"
+            + (f" (skipped: {skipped})" if skipped else ""),
+            flush=True,
+        )
 
     print()
-    print(f"MiniLM all-MiniLM-L6-v2 encoder.layer.3 on WordNet: {args.tokens} tokens, n_latents {args.n_latents}, "
-          f"k {args.k}, {args.steps} steps x {args.batch_size}; eval {args.eval_tokens} tokens, "
-          f"{args.sentences} held-out sentences, {args.nouns} nouns")
-    header = ["family", "forest", "FVU", "L0", "dead %", "emb cos", "NN kept", "absorb", "abs frac", "probe F1",
-              "WN align", "WN random", "lift", "edges"]
-    table = [[r["family"], r["forest"], fmt(r["fvu"]), fmt(r["l0"], ".1f"), fmt(r["dead_pct"], ".1f"),
-              fmt(r["emb_cosine"]), fmt(r["nn_kept"]), fmt(r["absorption"]), fmt(r["absorption_fraction"]),
-              fmt(r["probe_f1"], ".2f"), fmt(r["wordnet_alignment"]), fmt(r["wordnet_random"]),
-              fmt(r["wordnet_lift"], ".2f"), fmt(r["edges_scored"], "d")] for r in rows]
+    print(
+        f"MiniLM all-MiniLM-L6-v2 encoder.layer.3 on WordNet: {args.tokens} tokens, n_latents {args.n_latents}, "
+        f"k {args.k}, {args.steps} steps x {args.batch_size}; eval {args.eval_tokens} tokens, "
+        f"{args.sentences} held-out sentences, {args.nouns} nouns"
+    )
+    header = [
+        "family",
+        "forest",
+        "FVU",
+        "L0",
+        "dead %",
+        "emb cos",
+        "NN kept",
+        "absorb",
+        "abs frac",
+        "probe F1",
+        "WN align",
+        "WN random",
+        "lift",
+        "edges",
+    ]
+    table = [
+        [
+            r["family"],
+            r["forest"],
+            fmt(r["fvu"]),
+            fmt(r["l0"], ".1f"),
+            fmt(r["dead_pct"], ".1f"),
+            fmt(r["emb_cosine"]),
+            fmt(r["nn_kept"]),
+            fmt(r["absorption"]),
+            fmt(r["absorption_fraction"]),
+            fmt(r["probe_f1"], ".2f"),
+            fmt(r["wordnet_alignment"]),
+            fmt(r["wordnet_random"]),
+            fmt(r["wordnet_lift"], ".2f"),
+            fmt(r["edges_scored"], "d"),
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
     print("-|-".join("-" * w for w in widths))
     for t in table:
-        print(" | ".join(c.ljust(w) for c, w in zip(t, widths)))
+        print(" | ".join(c.ljust(w) for c, w in zip(t, widths, strict=False)))
     if rows:
-        print(f"\nzero-ablation embedding cosine: {fmt(rows[0]['emb_cosine_zero'])}; "
-              f"total {time.time() - t0:.0f}s")
+        print(f"\nzero-ablation embedding cosine: {fmt(rows[0]['emb_cosine_zero'])}; total {time.time() - t0:.0f}s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.work is None and not args.keep:

@@ -72,7 +72,9 @@ def worker(mode: str, hook: str, docs: int, batch_tokens: int, device: str, repe
 
     def to_store() -> int:
         with tempfile.TemporaryDirectory() as folder:
-            store = harvest_to_store(Path(folder) / "s", harvester, texts, tokens=10**12, dtype="float16", shard_rows=65536)
+            store = harvest_to_store(
+                Path(folder) / "s", harvester, texts, tokens=10**12, dtype="float16", shard_rows=65536
+            )
             return store.total_rows
 
     run = {"full": full_forward, "early": early_stop, "store": to_store}[mode]

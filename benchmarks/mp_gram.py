@@ -55,7 +55,9 @@ def main() -> None:
     W /= W.norm(dim=1, keepdim=True)
     # inputs that are sparse combinations of atoms plus noise, like SAE inputs
     idx = torch.randint(0, args.m, (args.n, args.k), generator=g)
-    x = (torch.rand(args.n, args.k, generator=g)[..., None] * W[idx]).sum(1) + 0.05 * torch.randn(args.n, args.d, generator=g)
+    x = (torch.rand(args.n, args.k, generator=g)[..., None] * W[idx]).sum(1) + 0.05 * torch.randn(
+        args.n, args.d, generator=g
+    )
 
     with torch.no_grad():
         G = W @ W.T

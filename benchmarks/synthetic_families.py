@@ -62,8 +62,18 @@ ARCH_OF = {"forest-topk": "forest", "mp-adaptive": "mp"}
 # --regime: the SyntheticConfig fields of each (on top of the dataclass defaults and --seed)
 REGIMES: dict[str, dict] = {
     "forest": {},
-    "mp-toy": {"d_in": 32, "n_roots": 8, "branching": 3, "p_root": 0.125, "p_child": 0.6, "parent_cos": 0.0,
-               "exclusive_roots": True, "mag_dist": "normal", "mag_mean": 1.5, "mag_std": 0.25},
+    "mp-toy": {
+        "d_in": 32,
+        "n_roots": 8,
+        "branching": 3,
+        "p_root": 0.125,
+        "p_child": 0.6,
+        "parent_cos": 0.0,
+        "exclusive_roots": True,
+        "mag_dist": "normal",
+        "mag_mean": 1.5,
+        "mag_std": 0.25,
+    },
 }
 
 
@@ -71,12 +81,18 @@ def run_family(name: str, source: SyntheticSource, args: argparse.Namespace) -> 
     arch = ARCH_OF.get(name, name)
     family = get_family(arch)
     n_latents, k, options = FAMILY_SETTINGS.get(name, (None, None, {}))
-    sae_cfg = family.config_class(arch=arch, d_in=source.d_in, n_latents=n_latents or args.n_latents,
-                                  k=k or args.k, **options)
+    sae_cfg = family.config_class(
+        arch=arch, d_in=source.d_in, n_latents=n_latents or args.n_latents, k=k or args.k, **options
+    )
     sae_cfg.validate()
-    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.train_seed,
-                            checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
-                            dead_window_tokens=args.dead_window)
+    train_cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.train_seed,
+        checkpoint_every=args.steps,
+        log_every=max(1, args.steps // 10),
+        dead_window_tokens=args.dead_window,
+    )
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         model = Trainer(sae_cfg, train_cfg, source, out, show_progress=False).run()
@@ -89,13 +105,26 @@ def run_family(name: str, source: SyntheticSource, args: argparse.Namespace) -> 
     parents = None
     if not has_builtin_hierarchy(model):
         parents = extract_forest(model, source.sample_with_truth(16384, stream=-2).x).parents
-    h = hierarchy_report(model, held_out.x, held_out.true_acts, truth, source.forest.parents, parents=parents,
-                         active=active_mask(model, held_out.x))
+    h = hierarchy_report(
+        model,
+        held_out.x,
+        held_out.true_acts,
+        truth,
+        source.forest.parents,
+        parents=parents,
+        active=active_mask(model, held_out.x),
+    )
     return {
-        "family": name, "fvu": fvu(held_out.x, x_hat), "l0": mean_l0(codes),
-        "recovered": recovered_fraction(model.W_dec, truth), "mean_cos": mean_best_cosine(model.W_dec, truth),
-        "absorption": h["absorption"], "edge_p": h["edge_precision"], "edge_r": h["edge_recall"],
-        "edge_f1": h["edge_f1"], "tree": "built-in" if has_builtin_hierarchy(model) else "post-hoc",
+        "family": name,
+        "fvu": fvu(held_out.x, x_hat),
+        "l0": mean_l0(codes),
+        "recovered": recovered_fraction(model.W_dec, truth),
+        "mean_cos": mean_best_cosine(model.W_dec, truth),
+        "absorption": h["absorption"],
+        "edge_p": h["edge_precision"],
+        "edge_r": h["edge_recall"],
+        "edge_f1": h["edge_f1"],
+        "tree": "built-in" if has_builtin_hierarchy(model) else "post-hoc",
         "seconds": seconds,
     }
 
@@ -108,32 +137,55 @@ def main() -> None:
     p.add_argument("--n-latents", type=int, default=512)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic forest")
-    p.add_argument("--train-seed", type=int, default=None,
-                   help="seed of model init and training (default: --seed + 1; never equal to --seed, see below)")
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seed of model init and training (default: --seed + 1; never equal to --seed, see below)",
+    )
     p.add_argument("--dead-window", type=int, default=200_000)
-    p.add_argument("--regime", choices=sorted(REGIMES), default="forest",
-                   help="the synthetic data: issue 2's forest (default) or the MP-SAE paper's toy (see above)")
-    p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a SyntheticConfig field (repeatable)")
+    p.add_argument(
+        "--regime",
+        choices=sorted(REGIMES),
+        default="forest",
+        help="the synthetic data: issue 2's forest (default) or the MP-SAE paper's toy (see above)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a SyntheticConfig field (repeatable)",
+    )
     args = p.parse_args()
     if args.train_seed is None:
         args.train_seed = args.seed + 1
     if args.train_seed == args.seed:
-        p.error("--train-seed must differ from --seed: the forest's directions and the models' init would "
-                "be the same random draws")
+        p.error(
+            "--train-seed must differ from --seed: the forest's directions and the models' init would "
+            "be the same random draws"
+        )
     names = list(families()) if args.families == "all" else args.families.split(",")
     synthetic = {**REGIMES[args.regime], "seed": args.seed, **parse_overrides(args.synthetic)}
     source = SyntheticSource(from_dict(SyntheticConfig, synthetic, what="--synthetic"))
-    print(f"synthetic forest ({args.regime}): d_in {source.d_in}, {source.forest.n_features} true features; "
-          f"{args.n_latents} latents, k={args.k}, {args.steps} steps x {args.batch_size}", flush=True)
-    header = (f"{'family':<12}{'FVU':>8}{'L0':>7}{'recovered':>11}{'mean cos':>10}{'absorb':>8}"
-              f"{'edge P':>8}{'edge R':>8}{'edge F1':>9}  {'tree':<9}{'seconds':>8}")
+    print(
+        f"synthetic forest ({args.regime}): d_in {source.d_in}, {source.forest.n_features} true features; "
+        f"{args.n_latents} latents, k={args.k}, {args.steps} steps x {args.batch_size}",
+        flush=True,
+    )
+    header = (
+        f"{'family':<12}{'FVU':>8}{'L0':>7}{'recovered':>11}{'mean cos':>10}{'absorb':>8}"
+        f"{'edge P':>8}{'edge R':>8}{'edge F1':>9}  {'tree':<9}{'seconds':>8}"
+    )
     print(header, flush=True)
     for name in names:
         r = run_family(name, source, args)
-        print(f"{r['family']:<12}{r['fvu']:>8.4f}{r['l0']:>7.2f}{r['recovered']:>11.3f}{r['mean_cos']:>10.3f}"
-              f"{r['absorption']:>8.3f}{r['edge_p']:>8.3f}{r['edge_r']:>8.3f}{r['edge_f1']:>9.3f}  {r['tree']:<9}"
-              f"{r['seconds']:>8.1f}", flush=True)
+        print(
+            f"{r['family']:<12}{r['fvu']:>8.4f}{r['l0']:>7.2f}{r['recovered']:>11.3f}{r['mean_cos']:>10.3f}"
+            f"{r['absorption']:>8.3f}{r['edge_p']:>8.3f}{r['edge_r']:>8.3f}{r['edge_f1']:>9.3f}  {r['tree']:<9}"
+            f"{r['seconds']:>8.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

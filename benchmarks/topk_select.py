@@ -49,8 +49,10 @@ def main() -> None:
     pre = torch.randn(args.rows, m) * torch.rand(m).mul(2) + torch.randn(m)
     k = args.k
 
-    ways = {"torch.topk": lambda: pre.topk(k, dim=-1, sorted=False),
-            "two-stage torch ops": lambda: topk_select(pre, k, compiled=False)}
+    ways = {
+        "torch.topk": lambda: pre.topk(k, dim=-1, sorted=False),
+        "two-stage torch ops": lambda: topk_select(pre, k, compiled=False),
+    }
     if cpu_select.enabled():
         ways["compiled (numba)"] = lambda: topk_select(pre, k, compiled=True)
     else:

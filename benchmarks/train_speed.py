@@ -25,8 +25,8 @@ import argparse
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -105,7 +105,9 @@ class DeadTracker:
         self.since[fired] = 0
 
 
-def hsae_runner(arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_dtype: str = "float32", name: str | None = None) -> Runner:
+def hsae_runner(
+    arch: str, scale: float, b_dec: torch.Tensor, args, *, compute_dtype: str = "float32", name: str | None = None
+) -> Runner:
     fam = get_family(arch)
     extra = {} if compute_dtype == "float32" else {"compute_dtype": compute_dtype}  # mp has no such option
     cfg = fam.config_class(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, input_scale=scale, **extra)
@@ -234,7 +236,9 @@ def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            with profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+            ) as prof:
                 runner.step(x, i)
             _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
         return float(max(sum(s) for s in sizes)) if sizes else 0.0
@@ -246,19 +250,35 @@ def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per family (after 2 warm-up steps)")
-    ap.add_argument("--families", default="dense,sparsify,topk,batchtopk,matryoshka,topk-bf16",
-                    help="comma list of: dense, sparsify, topk, batchtopk, topk-bf16, batchtopk-bf16")
+    ap.add_argument(
+        "--families",
+        default="dense,sparsify,topk,batchtopk,matryoshka,topk-bf16",
+        help="comma list of: dense, sparsify, topk, batchtopk, topk-bf16, batchtopk-bf16",
+    )
     ap.add_argument("--quick", action="store_true", help="8 timed steps")
-    ap.add_argument("--adam", choices=["fused", "foreach", "default"], default="fused",
-                    help="torch.optim.Adam flavour, the same for every family (default: fused)")
-    ap.add_argument("--dead-window", type=int, default=1_000_000,
-                    help="tokens without firing after which a latent is dead (AuxK on), as the trainer's dead_window_tokens; same for all")
+    ap.add_argument(
+        "--adam",
+        choices=["fused", "foreach", "default"],
+        default="fused",
+        help="torch.optim.Adam flavour, the same for every family (default: fused)",
+    )
+    ap.add_argument(
+        "--dead-window",
+        type=int,
+        default=1_000_000,
+        help="tokens without firing after which a latent is dead (AuxK on), as the trainer's "
+        "dead_window_tokens; same for all",
+    )
     ap.add_argument("--chunk-rows", type=int, default=TopKSAE.train_chunk_rows, help="hsae TopK encode chunk")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (profiled) peak-memory step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise with the GPU)")
-    ap.add_argument("--fvu-steps", type=int, default=200,
-                    help="after timing, every family trains on to this many steps before its FVU is measured")
+    ap.add_argument(
+        "--fvu-steps",
+        type=int,
+        default=200,
+        help="after timing, every family trains on to this many steps before its FVU is measured",
+    )
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -272,8 +292,9 @@ def main() -> None:
     args.lr = TrainConfig().resolved_lr(N_LATENTS)  # hsae's default, the same for every family
 
     # Same data for everyone: a pool of synthetic batches (d_in=384, a forest of 1280 features).
-    source = SyntheticSource(SyntheticConfig(d_in=D_IN, n_roots=256, branching=4, depth=2, p_root=0.04,
-                                             noise_std=0.05, seed=0))
+    source = SyntheticSource(
+        SyntheticConfig(d_in=D_IN, n_roots=256, branching=4, depth=2, p_root=0.04, noise_std=0.05, seed=0)
+    )
     n_pool = min(args.total_steps, 32)
     it = source.batches(BATCH, 0, 0, 1)
     pool = [next(it).float().to(DEVICE) for _ in range(n_pool)]
@@ -285,10 +306,14 @@ def main() -> None:
     flop = 2 * BATCH * D_IN * N_LATENTS
     limit = BATCH / t32
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; d_in={D_IN} n_latents={N_LATENTS} k={K} "
-          f"batch={BATCH}; Adam={args.adam}; dead window {args.dead_window} tokens")
-    print(f"matmul ({BATCH}x{D_IN})@({D_IN}x{N_LATENTS}): fp32 {flop / t32 / 1e9:.0f} GFLOP/s ({t32 * 1e3:.1f} ms) "
-          f"-> limit {limit:,.0f} tokens/s; bf16 {flop / t16 / 1e9:.0f} GFLOP/s ({t16 * 1e3:.1f} ms)")
+    print(
+        f"torch {torch.__version__}, {where}; d_in={D_IN} n_latents={N_LATENTS} k={K} "
+        f"batch={BATCH}; Adam={args.adam}; dead window {args.dead_window} tokens"
+    )
+    print(
+        f"matmul ({BATCH}x{D_IN})@({D_IN}x{N_LATENTS}): fp32 {flop / t32 / 1e9:.0f} GFLOP/s ({t32 * 1e3:.1f} ms) "
+        f"-> limit {limit:,.0f} tokens/s; bf16 {flop / t16 / 1e9:.0f} GFLOP/s ({t16 * 1e3:.1f} ms)"
+    )
 
     builders = {
         "dense": lambda: dense_runner(scale, b_dec, args),
@@ -297,9 +322,12 @@ def main() -> None:
         "batchtopk": lambda: hsae_runner("batchtopk", scale, b_dec, args),
         "matryoshka": lambda: hsae_runner("matryoshka", scale, b_dec, args),
         "mp": lambda: hsae_runner("mp", scale, b_dec, args),
-        "topk-bf16": lambda: hsae_runner("topk", scale, b_dec, args, compute_dtype="bfloat16", name="topk (bf16 matmul)"),
-        "batchtopk-bf16": lambda: hsae_runner("batchtopk", scale, b_dec, args, compute_dtype="bfloat16",
-                                              name="batchtopk (bf16 matmul)"),
+        "topk-bf16": lambda: hsae_runner(
+            "topk", scale, b_dec, args, compute_dtype="bfloat16", name="topk (bf16 matmul)"
+        ),
+        "batchtopk-bf16": lambda: hsae_runner(
+            "batchtopk", scale, b_dec, args, compute_dtype="bfloat16", name="batchtopk (bf16 matmul)"
+        ),
     }
     rows = []
     for fam in [f.strip() for f in args.families.split(",") if f.strip()]:
@@ -333,10 +361,23 @@ def main() -> None:
         # Median of the timed steps (robust to other load on the machine) and the best one.
         times.sort()
         med = times[len(times) // 2]
-        rows.append(dict(name=runner.name, tps=BATCH / med, best=BATCH / times[0], ms=med * 1e3, peak=peak,
-                         budget=budget, fvu=fvu(held_out, runner.reconstruct(held_out)), steps=i))
-        print(f"  {runner.name}: {rows[-1]['tps']:,.0f} tokens/s (median step {med * 1e3:.0f} ms, best "
-              f"{times[0] * 1e3:.0f} ms), FVU {rows[-1]['fvu']:.4f} after {i} steps", flush=True)
+        rows.append(
+            dict(
+                name=runner.name,
+                tps=BATCH / med,
+                best=BATCH / times[0],
+                ms=med * 1e3,
+                peak=peak,
+                budget=budget,
+                fvu=fvu(held_out, runner.reconstruct(held_out)),
+                steps=i,
+            )
+        )
+        print(
+            f"  {runner.name}: {rows[-1]['tps']:,.0f} tokens/s (median step {med * 1e3:.0f} ms, best "
+            f"{times[0] * 1e3:.0f} ms), FVU {rows[-1]['fvu']:.4f} after {i} steps",
+            flush=True,
+        )
 
     dense_tps = next((r["tps"] for r in rows if r["name"] == "dense reference"), None)
     sp_tps = next((r["tps"] for r in rows if r["name"].startswith("eai-sparsify")), None)
@@ -352,8 +393,19 @@ def _table(rows, limit, dense_tps, sp_tps) -> None:
     for r in rows:
         peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
         pb = "-" if r["peak"] is None else f"{r['peak'] / r['budget']:.2f}"
-        body.append([r["name"], f"{r['tps']:,.0f}", f"{r['ms']:.0f}", f"{r['tps'] / limit:.0%}", ratio(r["tps"], dense_tps),
-                     ratio(r["tps"], sp_tps), peak, pb, f"{r['fvu']:.4f}"])
+        body.append(
+            [
+                r["name"],
+                f"{r['tps']:,.0f}",
+                f"{r['ms']:.0f}",
+                f"{r['tps'] / limit:.0%}",
+                ratio(r["tps"], dense_tps),
+                ratio(r["tps"], sp_tps),
+                peak,
+                pb,
+                f"{r['fvu']:.4f}",
+            ]
+        )
     try:
         from rich.console import Console
         from rich.table import Table
@@ -366,9 +418,9 @@ def _table(rows, limit, dense_tps, sp_tps) -> None:
         Console(width=160).print(table)
     except ImportError:
         widths = [max(len(h), *(len(b[j]) for b in body)) for j, h in enumerate(header)]
-        print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+        print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=False)))
         for b in body:
-            print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+            print("  ".join(c.rjust(w) for c, w in zip(b, widths, strict=False)))
 
 
 if __name__ == "__main__":

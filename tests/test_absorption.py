@@ -15,12 +15,14 @@ def test_absorption_scores_by_hand():
     # 3 latents; latent 0 is the letter's main latent; latent 1 is aligned with the probe (cos 0.9),
     # latent 2 nearly orthogonal (cos 0.01). Four probe true positives with P = x . p = 1.
     probe_cos = torch.tensor([0.95, 0.9, 0.01])
-    codes = torch.tensor([
-        [1.0, 0.0, 0.0],  # main fires: no absorption
-        [0.0, 0.8, 0.0],  # main silent, latent 1 carries 0.72 >= 0.4: full absorption, fraction 1
-        [0.0, 0.0, 5.0],  # main silent, only an unaligned latent: not absorption
-        [0.5, 0.5, 0.0],  # partial: main carries 0.475, latent 1 0.45 -> fraction 0.45 / (0.45 + 0.475)
-    ])
+    codes = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],  # main fires: no absorption
+            [0.0, 0.8, 0.0],  # main silent, latent 1 carries 0.72 >= 0.4: full absorption, fraction 1
+            [0.0, 0.0, 5.0],  # main silent, only an unaligned latent: not absorption
+            [0.5, 0.5, 0.0],  # partial: main carries 0.475, latent 1 0.45 -> fraction 0.45 / (0.45 + 0.475)
+        ]
+    )
     latent_proj = codes * probe_cos  # unit decoder rows, input_scale 1
     act_proj = torch.ones(4)
     out = absorption_scores(act_proj, codes, latent_proj, probe_cos, [0])
@@ -82,11 +84,18 @@ def test_absorption_evaluator_on_minilm(minilm):
 
     torch.manual_seed(0)
     family = get_family("topk")
-    sae = family.from_config(from_dict(family.config_class, {"arch": "topk", "d_in": 384, "n_latents": 128, "k": 8},
-                                       what="test")).eval()
-    options = {"base_model": minilm, "hook": "encoder.layer.3", "absorption_words": 400,
-               "absorption_min_tokens": 1, "absorption_min_probe_f1": 0.0, "absorption_steps": 60,
-               "absorption_max_k": 2}
+    sae = family.from_config(
+        from_dict(family.config_class, {"arch": "topk", "d_in": 384, "n_latents": 128, "k": 8}, what="test")
+    ).eval()
+    options = {
+        "base_model": minilm,
+        "hook": "encoder.layer.3",
+        "absorption_words": 400,
+        "absorption_min_tokens": 1,
+        "absorption_min_probe_f1": 0.0,
+        "absorption_steps": 60,
+        "absorption_max_k": 2,
+    }
     result = absorption(EvalContext(sae, None, _Source(), torch.zeros(1, 384), options))
     assert result["words"] == 400 and result["letters_evaluated"] >= 3
     assert 0 <= result["mean_full_absorption"] <= 1 and 0 <= result["mean_absorption_fraction"] <= 1

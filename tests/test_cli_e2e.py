@@ -12,11 +12,36 @@ from hsae.sources.text import wordnet_available
 
 def test_train_on_the_fly_from_model_and_corpus(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"The {w} sat on the mat near the {v} by the river." for w, v in
-                                [("cat", "dog"), ("bird", "tree"), ("child", "house"), ("fish", "boat")] * 20))
+    corpus.write_text(
+        "\n".join(
+            f"The {w} sat on the mat near the {v} by the river."
+            for w, v in [("cat", "dog"), ("bird", "tree"), ("child", "house"), ("fish", "boat")] * 20
+        )
+    )
     out = tmp_path / "m"
-    assert main(["train", "--arch", "topk", "--corpus", str(corpus), "--n-latents", "96", "--k", "4",
-                 "--steps", "6", "--batch-size", "128", "-q", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "topk",
+                "--corpus",
+                str(corpus),
+                "--n-latents",
+                "96",
+                "--k",
+                "4",
+                "--steps",
+                "6",
+                "--batch-size",
+                "128",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "config.json").read_text())
     assert record["sae"]["d_in"] == 384 and record["data"]["hook"] == "encoder.layer.3"
     sae = hsae.load(out)
@@ -24,16 +49,46 @@ def test_train_on_the_fly_from_model_and_corpus(tmp_path):
 
 
 def test_data_and_corpus_together_are_refused(tmp_path, capsys):
-    rc = main(["train", "--arch", "topk", "--data", "synthetic", "--corpus", "wordnet", "--n-latents", "8",
-               "--k", "2", "--out", str(tmp_path / "x")])
+    rc = main(
+        [
+            "train",
+            "--arch",
+            "topk",
+            "--data",
+            "synthetic",
+            "--corpus",
+            "wordnet",
+            "--n-latents",
+            "8",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "not both" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not wordnet_available(), reason="Debian's wordnet-base is not installed (scripts/setup.sh)")
 def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--tokens", "3000", "--steps", "20", "--n-latents", "256", "--k", "8",
-            "--batch-size", "256", "--eval-tokens", "1024"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--tokens",
+        "3000",
+        "--steps",
+        "20",
+        "--n-latents",
+        "256",
+        "--k",
+        "8",
+        "--batch-size",
+        "256",
+        "--eval-tokens",
+        "1024",
+    ]
     assert main(args) == 0
     report = json.loads((out / "topk" / "eval" / "report.json").read_text())
     assert report["sections"]["core"]["tokens"] == 1024

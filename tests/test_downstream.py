@@ -67,7 +67,7 @@ def test_pooling_and_neighbours_by_hand():
     hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])
     mask = torch.tensor([[1, 1, 0]])
     emb = pool_embeddings(hidden, mask)  # mean of the two real tokens (0.5, 0.5), normalised
-    assert torch.allclose(emb, torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
+    assert torch.allclose(emb, torch.tensor([[2**-0.5, 2**-0.5]]))
     assert torch.allclose(pool_embeddings(hidden, mask, "cls"), torch.tensor([[1.0, 0.0]]))
     clean = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert nearest_neighbours(clean, clean).tolist() == [1, 0, 3, 2]
@@ -123,8 +123,9 @@ def _tiny_topk(d_in=384, n_latents=64, k=8):
 
     torch.manual_seed(0)
     family = get_family("topk")
-    return family.from_config(from_dict(family.config_class, {"arch": "topk", "d_in": d_in, "n_latents": n_latents,
-                                                               "k": k}, what="test")).eval()
+    return family.from_config(
+        from_dict(family.config_class, {"arch": "topk", "d_in": d_in, "n_latents": n_latents, "k": k}, what="test")
+    ).eval()
 
 
 def _ctx(model, minilm, **options):

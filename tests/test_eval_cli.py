@@ -6,9 +6,33 @@ from hsae.cli import main
 
 
 def _train(out, arch="topk"):
-    assert main(["train", "--arch", arch, "--data", "synthetic", "--n-latents", "64", "--k", "3", "--steps", "40",
-                 "--batch-size", "256", "--synthetic", "d_in=24", "--synthetic", "n_roots=6", "-q",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                arch,
+                "--data",
+                "synthetic",
+                "--n-latents",
+                "64",
+                "--k",
+                "3",
+                "--steps",
+                "40",
+                "--batch-size",
+                "256",
+                "--synthetic",
+                "d_in=24",
+                "--synthetic",
+                "n_roots=6",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
 
 def test_eval_writes_report_with_core_and_ground_truth(tmp_path, capsys):
@@ -28,8 +52,29 @@ def test_eval_marks_ground_truth_skipped_on_real_data(tmp_path):
     import numpy as np
 
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(size=(1024, 8)).astype("float32"))
-    assert main(["train", "--arch", "topk", "--data", str(tmp_path / "acts.npy"), "--n-latents", "32", "--k", "2",
-                 "--steps", "10", "--batch-size", "128", "-q", "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "topk",
+                "--data",
+                str(tmp_path / "acts.npy"),
+                "--n-latents",
+                "32",
+                "--k",
+                "2",
+                "--steps",
+                "10",
+                "--batch-size",
+                "128",
+                "-q",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(tmp_path / "m"), "--tokens", "512"]) == 0
     sections = json.loads((tmp_path / "m" / "eval" / "report.json").read_text())["sections"]
     assert "no known features" in sections["ground_truth"]["skipped"]
@@ -38,8 +83,10 @@ def test_eval_marks_ground_truth_skipped_on_real_data(tmp_path):
 def test_compare_two_models(tmp_path):
     _train(tmp_path / "a", "topk")
     _train(tmp_path / "b", "batchtopk")
-    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--tokens", "1024",
-                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--tokens", "1024", "--out", str(tmp_path / "cmp")])
+        == 0
+    )
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert set(report["sections"]) == {str(tmp_path / "a"), str(tmp_path / "b")}
     assert "core.fvu" in report["sections"][str(tmp_path / "a")]
@@ -60,8 +107,10 @@ def test_hierarchy_section_extracts_forest_and_scores_against_truth(tmp_path):
     assert section["edges"] + section["orphans"] + section["roots"] <= 64
     for key in ("true_absorption", "true_edge_f1", "parent_coverage", "parent_explained"):
         assert key in section
-    assert "forest&#x27;s shape" in (tmp_path / "m" / "eval" / "report.html").read_text() or \
-        "forest's shape" in (tmp_path / "m" / "eval" / "report.html").read_text()
+    assert (
+        "forest&#x27;s shape" in (tmp_path / "m" / "eval" / "report.html").read_text()
+        or "forest's shape" in (tmp_path / "m" / "eval" / "report.html").read_text()
+    )
 
 
 def test_parent_explained_fraction_by_hand():

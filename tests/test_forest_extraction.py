@@ -7,8 +7,7 @@ from hsae.cli import main
 from hsae.interpret.forest import ForestOptions, extract_forest
 from hsae.sources.synthetic import SyntheticConfig, SyntheticForest
 
-SYN = ["--synthetic", "d_in=16", "--synthetic", "n_roots=4", "--synthetic", "branching=2",
-       "--synthetic", "p_root=0.2"]
+SYN = ["--synthetic", "d_in=16", "--synthetic", "n_roots=4", "--synthetic", "branching=2", "--synthetic", "p_root=0.2"]
 
 
 class Oracle:
@@ -48,8 +47,30 @@ def test_thresholds_are_options():
 
 def test_hsae_tree_cli_extracts_prints_and_saves(tmp_path, capsys):
     out = tmp_path / "m"
-    assert main(["train", "--arch", "topk", "--data", "synthetic", *SYN, "--n-latents", "24", "--k", "3",
-                 "--steps", "60", "--batch-size", "256", "--out", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "topk",
+                "--data",
+                "synthetic",
+                *SYN,
+                "--n-latents",
+                "24",
+                "--k",
+                "3",
+                "--steps",
+                "60",
+                "--batch-size",
+                "256",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert main(["tree", str(out), "--data", "synthetic", *SYN, "--n-samples", "2000", "--save"]) == 0
     text = capsys.readouterr().out
     assert "statistics: n_latents 24" in text and "against the true forest" in text and "saved the parents" in text
@@ -62,8 +83,30 @@ def test_hsae_tree_cli_extracts_prints_and_saves(tmp_path, capsys):
 
 def test_hsae_tree_cli_errors(tmp_path, capsys):
     out = tmp_path / "m"
-    assert main(["train", "--arch", "topk", "--data", "synthetic", *SYN, "--n-latents", "24", "--k", "3",
-                 "--steps", "5", "--batch-size", "64", "--out", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "topk",
+                "--data",
+                "synthetic",
+                *SYN,
+                "--n-latents",
+                "24",
+                "--k",
+                "3",
+                "--steps",
+                "5",
+                "--batch-size",
+                "64",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert main(["tree", str(out)]) == 2  # flat, nothing saved, no data
     assert "pass --data" in capsys.readouterr().err
     assert main(["tree", str(tmp_path / "missing")]) == 2

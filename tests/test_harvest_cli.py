@@ -29,9 +29,10 @@ def corpus_file(tmp_path):
     path = tmp_path / "corpus.txt"
     words = ("dogs", "trees", "music", "rivers", "stone", "glass", "bread", "snow")
     path.write_text(
-        "\n".join(f"Line {i}: {a} and {b} meet near the {c} at dawn." for i, (a, b, c) in enumerate(
-            (a, b, c) for a in words for b in words for c in words[:3]
-        ))
+        "\n".join(
+            f"Line {i}: {a} and {b} meet near the {c} at dawn."
+            for i, (a, b, c) in enumerate((a, b, c) for a in words for b in words for c in words[:3])
+        )
         + "\n"
     )
     return path
@@ -125,7 +126,7 @@ def test_harvest_killed_and_restarted_ends_with_the_rows_of_an_uninterrupted_one
     resumed, uninterrupted = ActivationStore.open(killed), ActivationStore.open(reference)
     assert resumed.total_rows == uninterrupted.total_rows == 1500
     assert resumed.manifest["shards"] == uninterrupted.manifest["shards"]  # same files, same sha256
-    for a, b in zip(resumed.iter_shards(), uninterrupted.iter_shards()):
+    for a, b in zip(resumed.iter_shards(), uninterrupted.iter_shards(), strict=False):
         assert all(torch.equal(a[key], b[key]) for key in a)
     assert not list(killed.glob(".*.tmp"))
 
@@ -146,14 +147,52 @@ def test_harvest_wordnet_train_topk_load_and_encode_new_text(tmp_path, capsys):
     data = json.loads((run / "config.json").read_text())["data"]
     assert data["max_norm_ratio"] == 10.0 and data["norm_limit"] > 0  # the outlier rule is recorded
     # resuming must read the same rows: another norm limit is refused, the same one continues
-    train = ["train", "--arch", "topk", "--data", str(store), "--n-latents", "256", "--k", "8",
-             "--batch-size", "256", "--out", str(run), "--quiet", "--resume", "--steps", "35"]
+    train = [
+        "train",
+        "--arch",
+        "topk",
+        "--data",
+        str(store),
+        "--n-latents",
+        "256",
+        "--k",
+        "8",
+        "--batch-size",
+        "256",
+        "--out",
+        str(run),
+        "--quiet",
+        "--resume",
+        "--steps",
+        "35",
+    ]
     assert main([*train, "--max-norm-ratio", "0"]) == 2
     assert "max_norm_ratio 10.0" in capsys.readouterr().err
     assert main(train) == 0
     # the rule is an option of stores only, refused elsewhere with the reason
-    assert main(["train", "--arch", "topk", "--data", "synthetic", "--n-latents", "32", "--k", "2",
-                 "--steps", "2", "--out", str(tmp_path / "r2"), "--max-norm-ratio", "5", "-q"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "topk",
+                "--data",
+                "synthetic",
+                "--n-latents",
+                "32",
+                "--k",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "r2"),
+                "--max-norm-ratio",
+                "5",
+                "-q",
+            ]
+        )
+        == 2
+    )
     harvester = Harvester(load_model(device="cpu"), [DEFAULT_HOOK])
     rows = next(harvester.batches(["A small dog chased the ball across the garden."])).rows
     x = rows.activations[DEFAULT_HOOK]

@@ -35,16 +35,36 @@ FAMILIES = [
 @pytest.mark.parametrize("arch,n,k,opts", FAMILIES, ids=lambda v: str(v) if not isinstance(v, list) else "-".join(v))
 def test_trains_from_cli_and_round_trips(tmp_path, arch, n, k, opts):
     out = tmp_path / "m"
-    args = ["train", "--arch", arch, "--data", "synthetic", *SYN, "--n-latents", str(n), "--k", str(k),
-            "--steps", "30", "--batch-size", "128", "--out", str(out), "-q",
-            "-o", "dead_window_tokens=1024", "-o", "lr_warmup_steps=5"]
+    args = [
+        "train",
+        "--arch",
+        arch,
+        "--data",
+        "synthetic",
+        *SYN,
+        "--n-latents",
+        str(n),
+        "--k",
+        str(k),
+        "--steps",
+        "30",
+        "--batch-size",
+        "128",
+        "--out",
+        str(out),
+        "-q",
+        "-o",
+        "dead_window_tokens=1024",
+        "-o",
+        "lr_warmup_steps=5",
+    ]
     for o in opts:
         args += ["-o", o]
     assert main(args) == 0
     model = hsae.load(out)
     again = hsae.load(out)
     assert model.arch == arch
-    for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items(), strict=False):
         assert ka == kb and torch.equal(va, vb)
     x = SyntheticSource(SyntheticConfig(d_in=16, n_roots=4, branching=2)).sample(64)
     with torch.no_grad():
@@ -218,7 +238,7 @@ def test_mp_adaptive_stop(nonneg, threshold):
         assert torch.equal(i_n[row, :t], i_f[row, :t]) and torch.allclose(v_n[row, :t], v_f[row, :t])
         if t < 10:
             stopped_any = True
-            repeat = bool((i_n[row, :t - 1] == i_n[row, t - 1]).any())
+            repeat = bool((i_n[row, : t - 1] == i_n[row, t - 1]).any())
             res = x[row] - v_n[row, :t] @ W[i_n[row, :t]]
             assert repeat or float(res.norm()) <= threshold * float(x[row].norm()) + 1e-12
     assert stopped_any
@@ -249,7 +269,7 @@ def test_mp_model_encoders_agree_and_k_at_inference():
         assert codes.indices.shape == (25, k) and ((to_dense(codes) != 0).sum(1) <= k).all()
     # more pursuit steps never reconstruct worse
     errs = [(m.decode(m.encode(x, k=k)) - x).pow(2).sum() for k in (1, 2, 4, 8)]
-    assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:]))
+    assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:], strict=False))
 
 
 @pytest.mark.parametrize("m", [37, 128, 200, 4096])
@@ -292,8 +312,16 @@ def _train_and_score(arch, n, k, data=CLAIM_DATA, steps=300, lr=3e-3, **opts):
     fam = get_family(arch)
     cfg = fam.config_class(arch=arch, d_in=data.d_in, n_latents=n, k=k, **opts)
     cfg.validate()
-    train = TrainConfig(steps=steps, batch_size=256, lr=lr, lr_warmup_steps=20, seed=CLAIM_TRAIN_SEED,
-                        checkpoint_every=10_000, log_every=10_000, dead_window_tokens=5120)
+    train = TrainConfig(
+        steps=steps,
+        batch_size=256,
+        lr=lr,
+        lr_warmup_steps=20,
+        seed=CLAIM_TRAIN_SEED,
+        checkpoint_every=10_000,
+        log_every=10_000,
+        dead_window_tokens=5120,
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
@@ -302,8 +330,9 @@ def _train_and_score(arch, n, k, data=CLAIM_DATA, steps=300, lr=3e-3, **opts):
     parents = None
     if not has_builtin_hierarchy(model):
         parents = extract_forest(model, source.sample_with_truth(8192, stream=-2).x).parents
-    report = hierarchy_report(model, held.x, held.true_acts, source.forest.directions, source.forest.parents,
-                              parents=parents)
+    report = hierarchy_report(
+        model, held.x, held.true_acts, source.forest.directions, source.forest.parents, parents=parents
+    )
     with torch.no_grad():
         report["l0"] = float((to_dense(model.encode(held.x)) != 0).sum(1).float().mean())
     return report
@@ -324,9 +353,18 @@ CLAIMANTS = [
     # MP-SAE here (seeds 1, 2, 3; TopK 0.74, 0.82, 0.79 / F1 0.35, 0.15, 0.35): absorption 0.90, 0.79, 0.91,
     # edge F1 0.22, 0.22, 0.08. Its own paper's toy regime is tested separately below
     # (test_mp_in_its_papers_toy_regime).
-    pytest.param("mp", 64, 2, {}, id="mp", marks=pytest.mark.xfail(
-        reason="MP-SAE absorbs more than TopK at L0 2 on this forest (0.79-0.91 vs 0.74-0.82) with edge F1 "
-               "0.08-0.22 vs 0.15-0.35", strict=False)),
+    pytest.param(
+        "mp",
+        64,
+        2,
+        {},
+        id="mp",
+        marks=pytest.mark.xfail(
+            reason="MP-SAE absorbs more than TopK at L0 2 on this forest (0.79-0.91 vs 0.74-0.82) with edge F1 "
+            "0.08-0.22 vs 0.15-0.35",
+            strict=False,
+        ),
+    ),
     # H-SAE, measured over seeds 1, 2, 3 (absorption / edge F1; TopK at the same steps in brackets):
     # 300 steps, paper defaults: 0.99, 0.80, 0.82 / 0.06, 0.24, 0.20 (TopK 0.74, 0.82, 0.79 / 0.35, 0.15, 0.35).
     # 1000 steps (the paper's 1000-step loss warm-up is capped at 10% of the run, so longer is nearer it):
@@ -338,25 +376,53 @@ CLAIMANTS = [
     # 0.40, 0.65, 0.57) and k=4 (0.39, 0.32, 0.41 / 0.75, 0.78, 0.67). One root per sample (exclusive_roots,
     # p_root 1/8, where the top level's k=1 suffices): 0.69, 0.68, 0.47 / 0.40, 0.29, 0.56 against TopK
     # 0.38, 0.23, 0.23 / 0.62, 0.81, 0.73 (k=2 there exceeds the true L0, so TopK hardly absorbs).
-    pytest.param("h-sae", 60, 1, {"m_low": 4, "subspace_dim": 3}, id="h-sae", marks=pytest.mark.xfail(
-        reason="H-SAE at k=1 (TopK's L0) spends each expert's one child slot on a second root, since a third "
-               "of samples carry two; roots split over top latents (absorption 0.80-0.99, edge F1 0.06-0.24; "
-               "see the h-sae module docstring)", strict=False)),
+    pytest.param(
+        "h-sae",
+        60,
+        1,
+        {"m_low": 4, "subspace_dim": 3},
+        id="h-sae",
+        marks=pytest.mark.xfail(
+            reason="H-SAE at k=1 (TopK's L0) spends each expert's one child slot on a second root, since a third "
+            "of samples carry two; roots split over top latents (absorption 0.80-0.99, edge F1 0.06-0.24; "
+            "see the h-sae module docstring)",
+            strict=False,
+        ),
+    ),
     # Measured, not hidden: with beta=1 (paper 0.1) edge F1 beats TopK on seeds 1-3 (0.41-0.46) but absorption
     # (0.66-0.76) clears TopK - 0.05 on seeds 2 and 3 only.
-    pytest.param("h-sae", 60, 1, {"m_low": 4, "subspace_dim": 3, "beta": 1.0}, id="h-sae-beta1",
-                 marks=pytest.mark.xfail(reason="absorption above TopK - 0.05 on seed 1 (0.76 vs 0.74)",
-                                         strict=False)),
-    pytest.param("tree", 64, 2, {}, id="tree", marks=pytest.mark.xfail(
-        reason="Tree SAE's randomly allocated children stay dead under the gate at k=2 and are reset to the "
-               "root at 51% of the run, so the learned tree is nearly flat (edge F1 0-0.15)", strict=False)),
+    pytest.param(
+        "h-sae",
+        60,
+        1,
+        {"m_low": 4, "subspace_dim": 3, "beta": 1.0},
+        id="h-sae-beta1",
+        marks=pytest.mark.xfail(reason="absorption above TopK - 0.05 on seed 1 (0.76 vs 0.74)", strict=False),
+    ),
+    pytest.param(
+        "tree",
+        64,
+        2,
+        {},
+        id="tree",
+        marks=pytest.mark.xfail(
+            reason="Tree SAE's randomly allocated children stay dead under the gate at k=2 and are reset to the "
+            "root at 51% of the run, so the learned tree is nearly flat (edge F1 0-0.15)",
+            strict=False,
+        ),
+    ),
     # Tree SAE with the paper's selection (raw TopK, then the gate) and its batch-level capacity does
     # not: at k=2 the raw TopK rarely holds a child with its random parent, so children die and are
     # reset to the root (edge F1 0-0.15). With the candidate pool (a child can be picked whenever its
     # parent was), per-row capacity, co-activation re-parenting and AuxK on the child layers
     # (src/hsae/models/tree.py), measured over seeds 1, 2, 3: absorption 0.33-0.58 and F1 0.41-0.65.
-    pytest.param("tree", 64, 2, {"selection": "pool", "reparent": True, "capacity_mode": "row",
-                                 "aux_coef_children": 1 / 32}, id="tree-pool"),
+    pytest.param(
+        "tree",
+        64,
+        2,
+        {"selection": "pool", "reparent": True, "capacity_mode": "row", "aux_coef_children": 1 / 32},
+        id="tree-pool",
+    ),
 ]
 
 
@@ -376,8 +442,19 @@ def test_hierarchical_family_absorbs_less_and_recovers_edges_better(topk_baselin
 # data-dependent stop. Here: 8 roots x 3 children in d 32, one root per sample, p_child 0.6, children
 # orthogonal to their parent (parent_cos 0), so the true L0 is 1.6 (1 or 2 per sample); trained longer
 # than the forest claim (1000 steps at lr 1e-2) so that both dictionaries converge.
-CLAIM_DATA_MP_TOY = SyntheticConfig(d_in=32, n_roots=8, branching=3, p_root=0.125, p_child=0.6, parent_cos=0.0,
-                                    exclusive_roots=True, mag_dist="normal", mag_mean=1.5, mag_std=0.25, seed=0)
+CLAIM_DATA_MP_TOY = SyntheticConfig(
+    d_in=32,
+    n_roots=8,
+    branching=3,
+    p_root=0.125,
+    p_child=0.6,
+    parent_cos=0.0,
+    exclusive_roots=True,
+    mag_dist="normal",
+    mag_mean=1.5,
+    mag_std=0.25,
+    seed=0,
+)
 MP_TOY_TRAIN = {"data": CLAIM_DATA_MP_TOY, "steps": 1000, "lr": 1e-2}
 
 
@@ -397,8 +474,11 @@ def topk_baseline_mp_toy():
 # TopK k=2 0.46, 0.44, 0.43 / 0.62, 0.73, 0.62; MP with the adaptive stop and at most 4 steps 0.38, 0.35,
 # 0.13 / 0.50, 0.32, 0.48 but at L0 2.35-2.89, not TopK's 2; MP with 2 fixed steps 0.67, 0.72, 0.72.
 @pytest.mark.slow
-@pytest.mark.xfail(reason="in its own paper's toy regime MP-SAE absorbs more than TopK at the same L0 (0.36-0.57 "
-                          "vs 0.002-0.003 at L0 1.6-1.8) with lower edge F1 (0.65-0.77 vs 0.93)", strict=False)
+@pytest.mark.xfail(
+    reason="in its own paper's toy regime MP-SAE absorbs more than TopK at the same L0 (0.36-0.57 "
+    "vs 0.002-0.003 at L0 1.6-1.8) with lower edge F1 (0.65-0.77 vs 0.93)",
+    strict=False,
+)
 def test_mp_in_its_papers_toy_regime(topk_baseline_mp_toy):
     ours = _train_and_score("mp", 64, 2, adaptive_stop=True, stop_threshold=0.05, **MP_TOY_TRAIN)
     assert ours["l0"] <= topk_baseline_mp_toy["l0"] + 0.1  # the same L0 (MP stops early, TopK's ReLU may too)

@@ -14,7 +14,11 @@ from hsae.models import StepContext, cpu_select, get_family
 from hsae.models.base import SAE
 from hsae.models.codes import SparseCodes
 from hsae.models.kernels import (
-    batch_topk_select, encode_topk_chunked, masked_topk_select, sparse_decode, sparse_encoder_values,
+    batch_topk_select,
+    encode_topk_chunked,
+    masked_topk_select,
+    sparse_decode,
+    sparse_encoder_values,
     topk_select,
 )
 
@@ -95,7 +99,7 @@ def test_sparse_encoder_gradients_equal_dense(ragged):
     weight = torch.randn_like(got)
     g_sparse = torch.autograd.grad((got * weight).sum() + got.square().sum(), params)
     g_dense = torch.autograd.grad((ref_vals * weight).sum() + ref_vals.square().sum(), params)
-    for a, b in zip(g_sparse, g_dense):
+    for a, b in zip(g_sparse, g_dense, strict=False):
         _close(a, b)
 
 
@@ -113,7 +117,7 @@ def test_sparse_encoder_skips_data_gradient():
 
 # ----- selection -------------------------------------------------------------------------------------
 def _as_set(rows, cols):
-    return set(zip(rows.tolist(), cols.tolist()))
+    return set(zip(rows.tolist(), cols.tolist(), strict=False))
 
 
 @pytest.mark.parametrize("shape,k", [((64, 96), 4), ((50, 37), 3), ((8, 16), 16), ((100, 64), 1)])
@@ -446,7 +450,7 @@ def test_compiled_selection_from_several_threads_at_once():
     pres = [torch.randn(256, 1024) for _ in range(8)]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda p: topk_select(p, 16)[1], pres))
-    for p, idx in zip(pres, results):
+    for p, idx in zip(pres, results, strict=False):
         assert torch.equal(idx.sort(-1).values, p.topk(16, dim=-1).indices.sort(-1).values)
 
 
@@ -526,8 +530,18 @@ def test_encode_batch_topk_chunked_equals_dense_selection(hint_scale):
     dead = torch.zeros(m, dtype=torch.bool)
     dead[::5] = True
     cols = dead.nonzero().squeeze(1)
-    sel = encode_batch_topk_chunked(x, W, be, k, dead_cols=cols, k_aux=4, chunk_rows=9, scale=scale, b_dec=bd,
-                                    hint=None if hint_scale is None else kth * hint_scale)
+    sel = encode_batch_topk_chunked(
+        x,
+        W,
+        be,
+        k,
+        dead_cols=cols,
+        k_aux=4,
+        chunk_rows=9,
+        scale=scale,
+        b_dec=bd,
+        hint=None if hint_scale is None else kth * hint_scale,
+    )
     assert sel.recomputed == (hint_scale == 5.0)
     _check_batch_selection(pre, k, sel.values, sel.indices, sel.offsets)
     ref_ai = pre.masked_fill(~dead, float("-inf")).topk(4, dim=-1).indices

@@ -45,9 +45,11 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
 
     monkeypatch.setattr(prefix_step, "_ADD_ROWS", add_rows)  # 7: row blocks, the last one partial
     monkeypatch.setattr(prefix_step, "_WDEC_BLOCK", 5 if add_rows == 7 else 512)  # latent blocks too
-    opts = {"fixed": dict(group_fractions=[0.25, 0.25, 0.5]),
-            "sampled": dict(sampled_groups=True, n_sampled_prefixes=6),
-            "one": dict(group_fractions=[1.0])}[groups]
+    opts = {
+        "fixed": dict(group_fractions=[0.25, 0.25, 0.5]),
+        "sampled": dict(sampled_groups=True, n_sampled_prefixes=6),
+        "one": dict(group_fractions=[1.0]),
+    }[groups]
     m = _fresh(64, 4, **opts).double().train()
     with torch.no_grad():
         m.b_dec.normal_()
@@ -69,10 +71,11 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
         assert torch.allclose(g_sp[name], g_de[name], atol=1e-10), name
 
 
-
-
-@pytest.mark.parametrize("weights", [(2.0, 0.3, 5.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)],
-                         ids=["weighted", "mse-only", "auxk-only", "prefix-only"])
+@pytest.mark.parametrize(
+    "weights",
+    [(2.0, 0.3, 5.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)],
+    ids=["weighted", "mse-only", "auxk-only", "prefix-only"],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_prefix_step_scaled_inputs_and_each_loss_alone(weights, dtype):
     """input_scale != 1 (every scale factor of x_hat, S and grad W_enc), unequal weights on the loss

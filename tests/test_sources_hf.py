@@ -91,7 +91,11 @@ def test_input_hook_reads_the_heads_before_the_output_projection(minilm, tmp_pat
     store = harvest_to_store(tmp_path / "s", harvester, TEXTS, tokens=60, shard_rows=30)
     entry = store.manifest["hooks"][0]
     assert (entry["name"], entry["transformer_lens"], entry["heads"], entry["d_head"]) == (
-        proj + ":input", "blocks.2.attn.hook_z", 12, 32)
+        proj + ":input",
+        "blocks.2.attn.hook_z",
+        12,
+        32,
+    )
     assert next(store.batches(16)).shape == (16, 384)
 
 

@@ -26,7 +26,7 @@ def test_forest_structure_and_sampling_rules():
 
 def test_source_is_deterministic_per_step():
     src = SyntheticSource(SyntheticConfig(seed=3))
-    a = [b for _, b in zip(range(3), src.batches(16))]
+    a = [b for _, b in zip(range(3), src.batches(16), strict=False)]
     b = next(src.batches(16, start_step=2))
     torch.testing.assert_close(a[2], b)
     assert not torch.equal(a[0], a[1])
@@ -45,8 +45,18 @@ def test_forest_is_not_the_init_of_a_model_with_the_same_seed():
 
 
 def test_exclusive_roots_and_normal_magnitudes():
-    cfg = SyntheticConfig(d_in=32, n_roots=8, branching=3, p_root=0.1, p_child=0.6, parent_cos=0.0,
-                          exclusive_roots=True, mag_dist="normal", mag_mean=1.5, mag_std=0.25)
+    cfg = SyntheticConfig(
+        d_in=32,
+        n_roots=8,
+        branching=3,
+        p_root=0.1,
+        p_child=0.6,
+        parent_cos=0.0,
+        exclusive_roots=True,
+        mag_dist="normal",
+        mag_mean=1.5,
+        mag_std=0.25,
+    )
     forest = SyntheticForest(cfg)
     batch = forest.sample(20000, torch.Generator().manual_seed(0))
     on = batch.true_acts != 0
@@ -68,7 +78,9 @@ def test_exclusive_roots_and_normal_magnitudes():
     # the defaults, spelled out, draw the very same numbers
     base = dict(d_in=16, n_roots=4, branching=2, seed=4)
     s0 = SyntheticSource(SyntheticConfig(**base)).sample_with_truth(64)
-    s1 = SyntheticSource(SyntheticConfig(**base, exclusive_roots=False, mag_dist="uniform", mag_std=0.5)).sample_with_truth(64)
+    s1 = SyntheticSource(
+        SyntheticConfig(**base, exclusive_roots=False, mag_dist="uniform", mag_std=0.5)
+    ).sample_with_truth(64)
     assert torch.equal(s0.x, s1.x) and torch.equal(s0.true_acts, s1.true_acts)
 
 
@@ -77,10 +89,14 @@ def test_new_synthetic_options_validate():
 
     from hsae.errors import HsaeError
 
-    for bad, match in [({"exclusive_roots": True, "n_roots": 8, "p_root": 0.2}, "n_roots \\* p_root"),
-                       ({"mag_dist": "gamma"}, "mag_dist"), ({"mag_std": -1.0}, "mag_std"),
-                       ({"mag_mean": 0.0}, "mag_mean"), ({"mag_floor": 0.0}, "mag_floor"),
-                       ({"exclusive_roots": "yes"}, "exclusive_roots")]:
+    for bad, match in [
+        ({"exclusive_roots": True, "n_roots": 8, "p_root": 0.2}, "n_roots \\* p_root"),
+        ({"mag_dist": "gamma"}, "mag_dist"),
+        ({"mag_std": -1.0}, "mag_std"),
+        ({"mag_mean": 0.0}, "mag_mean"),
+        ({"mag_floor": 0.0}, "mag_floor"),
+        ({"exclusive_roots": "yes"}, "exclusive_roots"),
+    ]:
         with pytest.raises(HsaeError, match=match):
             SyntheticConfig(**bad).validate()
     SyntheticConfig(exclusive_roots=True, n_roots=8, p_root=0.125).validate()

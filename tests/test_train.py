@@ -30,8 +30,9 @@ def test_lr_schedule():
 
 def test_topk_learns_synthetic_forest(tmp_path, synthetic_small):
     sae_cfg = TopKConfig(arch="topk", d_in=32, n_latents=64, k=3)
-    train_cfg = TrainConfig(steps=300, batch_size=256, lr=3e-3, log_every=50, checkpoint_every=100,
-                            dead_window_tokens=20_000)
+    train_cfg = TrainConfig(
+        steps=300, batch_size=256, lr=3e-3, log_every=50, checkpoint_every=100, dead_window_tokens=20_000
+    )
     model = Trainer(sae_cfg, train_cfg, synthetic_small, tmp_path / "run", show_progress=False).run()
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [50, 100, 150, 200, 250, 300]
@@ -45,9 +46,33 @@ def test_topk_learns_synthetic_forest(tmp_path, synthetic_small):
 
 
 def _train_args(out, *extra):
-    return ["train", "--arch", "topk", "--data", "synthetic", "--n-latents", "64", "--k", "3",
-            "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20", "--log-every", "10",
-            "--synthetic", "d_in=24", "--synthetic", "n_roots=6", "-q", "--out", str(out), *extra]
+    return [
+        "train",
+        "--arch",
+        "topk",
+        "--data",
+        "synthetic",
+        "--n-latents",
+        "64",
+        "--k",
+        "3",
+        "--steps",
+        "60",
+        "--batch-size",
+        "128",
+        "--checkpoint-every",
+        "20",
+        "--log-every",
+        "10",
+        "--synthetic",
+        "d_in=24",
+        "--synthetic",
+        "n_roots=6",
+        "-q",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
@@ -95,8 +120,26 @@ def test_train_from_npy_and_safetensors_files(tmp_path, synthetic_small):
     save_file({"activations": x.half()}, tmp_path / "acts.safetensors")
     for name in ("acts.npy", "acts.safetensors"):
         out = tmp_path / f"run_{name}"
-        rc = main(["train", "--arch", "topk", "--data", str(tmp_path / name), "--n-latents", "64", "--k", "3",
-                   "--steps", "20", "--batch-size", "256", "-q", "--out", str(out)])
+        rc = main(
+            [
+                "train",
+                "--arch",
+                "topk",
+                "--data",
+                str(tmp_path / name),
+                "--n-latents",
+                "64",
+                "--k",
+                "3",
+                "--steps",
+                "20",
+                "--batch-size",
+                "256",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
         assert rc == 0 and hsae.load(out).d_in == 32
 
 

@@ -14,9 +14,15 @@ from hsae.eval.wordnet import alignment, ancestors, concept_set, edge_score, ran
 
 # entity -> animal -> {dog, cat, bird}; dog -> puppy; entity -> artifact -> {car, truck}
 TREE = {
-    "entity": (), "animal": ("entity",), "artifact": ("entity",),
-    "dog": ("animal",), "cat": ("animal",), "bird": ("animal",), "puppy": ("dog",),
-    "car": ("artifact",), "truck": ("artifact",),
+    "entity": (),
+    "animal": ("entity",),
+    "artifact": ("entity",),
+    "dog": ("animal",),
+    "cat": ("animal",),
+    "bird": ("animal",),
+    "puppy": ("dog",),
+    "car": ("artifact",),
+    "truck": ("artifact",),
 }
 
 
@@ -72,10 +78,15 @@ def test_wordnet_evaluator_on_minilm():
 
     torch.manual_seed(0)
     family = get_family("topk")
-    sae = family.from_config(from_dict(family.config_class, {"arch": "topk", "d_in": 384, "n_latents": 32, "k": 8},
-                                       what="test")).eval()
-    options = {"base_model": load_model(device="cpu"), "hook": "encoder.layer.3", "wordnet_nouns": 60,
-               "wordnet_min_nouns": 2}
+    sae = family.from_config(
+        from_dict(family.config_class, {"arch": "topk", "d_in": 384, "n_latents": 32, "k": 8}, what="test")
+    ).eval()
+    options = {
+        "base_model": load_model(device="cpu"),
+        "hook": "encoder.layer.3",
+        "wordnet_nouns": 60,
+        "wordnet_min_nouns": 2,
+    }
     ctx = EvalContext(sae, None, _Source(), torch.zeros(1, 384), options)
     with pytest.raises(Skip, match="hsae tree"):
         wordnet(ctx)

@@ -1,10 +1,10 @@
 """hsae: hierarchical sparse autoencoders.
 
-    import hsae
-    sae = hsae.load("runs/minilm")
-    codes = sae.encode(x)          # x: float tensor (n, d_in)
-    x_hat = sae.decode(codes)
-    parents = sae.hierarchy()      # LongTensor (n_latents,), -1 = root
+import hsae
+sae = hsae.load("runs/minilm")
+codes = sae.encode(x)          # x: float tensor (n, d_in)
+x_hat = sae.decode(codes)
+parents = sae.hierarchy()      # LongTensor (n_latents,), -1 = root
 """
 
 __version__ = "0.1.0"

@@ -97,9 +97,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None) ->
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise HsaeError(
-            f"{what}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
-        )
+        raise HsaeError(f"{what}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     kwargs = {k: _coerce(v, hints[k], f"{what}.{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)
@@ -146,8 +144,7 @@ class SAEConfig:
             raise HsaeError(f"--n-latents must be positive, got {self.n_latents}")
         if self.k is not None and not (0 < self.k < self.n_latents):
             raise HsaeError(
-                f"--k {self.k} must be between 1 and n_latents-1 ({self.n_latents - 1}); "
-                "lower --k or raise --n-latents"
+                f"--k {self.k} must be between 1 and n_latents-1 ({self.n_latents - 1}); lower --k or raise --n-latents"
             )
         if not (math.isfinite(self.input_scale) and self.input_scale > 0):
             raise HsaeError(f"input_scale must be a positive number, got {self.input_scale}")
@@ -203,9 +200,7 @@ class TrainConfig:
         if self.checkpoint_every <= 0 or self.log_every <= 0:
             raise HsaeError("checkpoint_every and log_every must be positive")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise HsaeError(
-                f"b_dec_init {self.b_dec_init!r} is not one of geometric_median, mean, zeros"
-            )
+            raise HsaeError(f"b_dec_init {self.b_dec_init!r} is not one of geometric_median, mean, zeros")
 
     def resolved_lr(self, n_latents: int) -> float:
         if self.lr is not None:

@@ -138,14 +138,14 @@ def check_store_folder(out: Path) -> dict[str, Any] | None:
 
 def harvest_to_store(
     out: str | Path,
-    harvester: "Harvester",
+    harvester: Harvester,
     corpus: Any,  # hsae.sources.text.Corpus or any re-iterable of strings
     *,
     tokens: int,
     dtype: str = "float32",
     shard_rows: int = DEFAULT_SHARD_ROWS,
     progress: Callable[[int, int], None] | None = None,
-) -> "ActivationStore":
+) -> ActivationStore:
     """Harvest `tokens` rows (fewer if the corpus ends first) into the store folder `out`.
 
     Starting again on a partial store with the same settings resumes it; a complete one is returned
@@ -263,7 +263,7 @@ def harvest_to_store(
 @dataclass
 class _Segment:
     place: tuple[int, int]  # of rows[0]: (first document of its sort window, rows of the window before)
-    rows: "TokenRows"
+    rows: TokenRows
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -280,8 +280,15 @@ class ShardInfo:
 class ActivationStore:
     """A harvested store, read as an `ActivationSource` for one of its hooks."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], hook: str, seed: int, buffer_rows: int,
-                 max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        hook: str,
+        seed: int,
+        buffer_rows: int,
+        max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
+    ):
         self.path = path
         self.max_norm_ratio = max_norm_ratio
         self._norm_limit: float | None = None
@@ -296,9 +303,14 @@ class ActivationStore:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, hook: str | None = None, seed: int = 0, buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        cls,
+        path: str | Path,
+        *,
+        hook: str | None = None,
+        seed: int = 0,
+        buffer_rows: int = DEFAULT_BUFFER_ROWS,
         max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
-    ) -> "ActivationStore":
+    ) -> ActivationStore:
         """Open a complete store; `hook` picks one when it holds several. Rows with a norm above
         `max_norm_ratio` times the median are left out of batches (None or 0: keep all)."""
         if max_norm_ratio is not None and not (max_norm_ratio == 0 or max_norm_ratio >= 1):
@@ -476,9 +488,7 @@ class ActivationStore:
                 offset = 0
             epoch += 1
 
-    def batches(
-        self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
         """Shuffled float32 batches (batch_size, d_in), endless, starting at batch `start_step`."""
         if batch_size <= 0:
             raise HsaeError(f"batch_size must be positive, got {batch_size}")

@@ -3,8 +3,8 @@ command discovery)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 def quiet_transformers() -> None:
@@ -18,10 +18,23 @@ def quiet_transformers() -> None:
 @contextmanager
 def harvest_bar(tokens: int, console=None) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar for harvesting; yields the `progress(done, total)` callback the store calls."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("harvest"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("harvest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("harvest", total=tokens)
         yield lambda done, total: bar.update(task, completed=done)

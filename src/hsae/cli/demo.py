@@ -39,15 +39,24 @@ def demo(
     typer.echo(f"[1/4] harvest {tokens} tokens of MiniLM {DEFAULT_HOOK} on WordNet -> {store_dir}")
     # Resumes a partial store; a complete one is returned as it is.
     with harvest_bar(tokens) as progress:
-        harvest_to_store(store_dir, Harvester(load_model(None), [DEFAULT_HOOK]), open_corpus("wordnet"),
-                         tokens=tokens, progress=progress)
+        harvest_to_store(
+            store_dir,
+            Harvester(load_model(None), [DEFAULT_HOOK]),
+            open_corpus("wordnet"),
+            tokens=tokens,
+            progress=progress,
+        )
     store = ActivationStore.open(store_dir)
 
     typer.echo(f"[2/4] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")
     family = get_family(arch)
     sae_cfg = from_dict(family.config_class, {"arch": arch, "d_in": store.d_in, "n_latents": n_latents, "k": k})
-    train_cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=250,
-                            dead_window_tokens=min(1_000_000, steps * batch_size // 4))
+    train_cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        checkpoint_every=250,
+        dead_window_tokens=min(1_000_000, steps * batch_size // 4),
+    )
     resume = (model_dir / "checkpoint.safetensors").exists()
     Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
 
@@ -59,6 +68,8 @@ def demo(
     forest = sections.get("hierarchy")
     if forest is not None and not forest.skipped:
         m = forest.metrics
-        typer.echo(f"[4/4] feature forest ({m['forest']}): {m['edges']} parent->child edges, {m['roots']} roots, "
-                   f"depth {m['depth']}, mean branching {m['mean_branching']:.2f}")
+        typer.echo(
+            f"[4/4] feature forest ({m['forest']}): {m['edges']} parent->child edges, {m['roots']} roots, "
+            f"depth {m['depth']}, mean branching {m['mean_branching']:.2f}"
+        )
     typer.echo("done: open " + str(model_dir / "eval" / "report.html"))

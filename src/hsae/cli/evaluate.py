@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,7 +17,7 @@ OPTION_HELP = (
 )
 
 
-def _open_for(model_dir: Path, data: Optional[str], synthetic: list[str]):
+def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
     from hsae.config import parse_overrides
     from hsae.models.base import read_config
     from hsae.sources import open_source
@@ -41,9 +40,9 @@ def _open_for(model_dir: Path, data: Optional[str], synthetic: list[str]):
 @app.command("eval")
 def eval_command(
     model_dir: Path = typer.Argument(..., help="A model folder"),
-    data: Optional[str] = typer.Option(None, help="Activations to evaluate on (default: the training data)"),
+    data: str | None = typer.Option(None, help="Activations to evaluate on (default: the training data)"),
     tokens: int = typer.Option(65536, help="Tokens to evaluate"),
-    out: Optional[Path] = typer.Option(None, help="Report folder (default MODEL_DIR/eval)"),
+    out: Path | None = typer.Option(None, help="Report folder (default MODEL_DIR/eval)"),
     metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
@@ -51,13 +50,27 @@ def eval_command(
     """Evaluate a model: prints a table, writes report.json and a self-contained report.html."""
     from hsae.config import parse_overrides
 
-    run_eval(model_dir, data=data, tokens=tokens, out=out, metrics=metric, synthetic=synthetic,
-             options=parse_overrides(option))
+    run_eval(
+        model_dir,
+        data=data,
+        tokens=tokens,
+        out=out,
+        metrics=metric,
+        synthetic=synthetic,
+        options=parse_overrides(option),
+    )
 
 
-def run_eval(model_dir: Path, *, data: Optional[str] = None, tokens: int = 65536, out: Optional[Path] = None,
-             metrics: list[str] | None = None, synthetic: list[str] | None = None,
-             options: dict[str, str] | None = None):
+def run_eval(
+    model_dir: Path,
+    *,
+    data: str | None = None,
+    tokens: int = 65536,
+    out: Path | None = None,
+    metrics: list[str] | None = None,
+    synthetic: list[str] | None = None,
+    options: dict[str, str] | None = None,
+):
     """What `hsae eval` does, callable from other commands: evaluate, print, write the report."""
     import hsae
     from hsae.eval.run import evaluate
@@ -81,7 +94,7 @@ def run_eval(model_dir: Path, *, data: Optional[str] = None, tokens: int = 65536
 @app.command()
 def compare(
     model_dirs: list[Path] = typer.Argument(..., help="Model folders"),
-    data: Optional[str] = typer.Option(None, help="Activations to evaluate all of them on"),
+    data: str | None = typer.Option(None, help="Activations to evaluate all of them on"),
     tokens: int = typer.Option(65536, help="Tokens to evaluate"),
     out: Path = typer.Option(Path("compare"), help="Report folder"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
@@ -97,21 +110,33 @@ def compare(
     reports = []
     for model_dir in model_dirs:
         model = hsae.load(model_dir)
-        reports.append((model_dir, evaluate(model, _open_for(model_dir, data, synthetic), model_dir=model_dir,
-                                            tokens=tokens, options=parse_overrides(option))))
+        reports.append(
+            (
+                model_dir,
+                evaluate(
+                    model,
+                    _open_for(model_dir, data, synthetic),
+                    model_dir=model_dir,
+                    tokens=tokens,
+                    options=parse_overrides(option),
+                ),
+            )
+        )
     names = [str(d) for d, _ in reports]
     combined = Report(title="hsae comparison", info={"models": ", ".join(names), "tokens": tokens})
     rows: dict[str, dict[str, object]] = {}
     points = []
     for model_dir, report in reports:
         for section in report.sections:
-            for key, value in (scalar_items(section.metrics) if not section.skipped else [("skipped", section.skipped)]):
+            for key, value in scalar_items(section.metrics) if not section.skipped else [("skipped", section.skipped)]:
                 rows.setdefault(f"{section.name}.{key}", {})[str(model_dir)] = value
         core = next(s for s in report.sections if s.name == "core").metrics
         points.append((f"{model_dir.name} ({report.info['arch']})", core["l0"], core["fvu"]))
     for model_dir, report in reports:
-        combined.add(str(model_dir), {f"{s.name}.{k}": v for s in report.sections if not s.skipped
-                                      for k, v in scalar_items(s.metrics)})
+        combined.add(
+            str(model_dir),
+            {f"{s.name}.{k}": v for s in report.sections if not s.skipped for k, v in scalar_items(s.metrics)},
+        )
     combined.figures.append(("FVU against L0, with the Pareto frontier", plots.frontier(points)))
     table = Table(title="comparison")
     table.add_column("metric")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -22,7 +21,7 @@ def _split_hooks(hooks: list[str]) -> list[str]:
 def harvest(
     out: Path = typer.Option(..., help="Store folder to create (or to finish, after an interruption)"),
     tokens: int = typer.Option(..., help="Activation rows (tokens) to harvest; fewer if the corpus ends first"),
-    model: Optional[str] = typer.Option(
+    model: str | None = typer.Option(
         None, help="Hub name or local model folder (default: the embedded all-MiniLM-L6-v2)"
     ),
     hook: list[str] = typer.Option(
@@ -32,12 +31,12 @@ def harvest(
     dtype: str = typer.Option("float32", help="Stored dtype: float32, float16 or bfloat16"),
     batch_tokens: int = typer.Option(DEFAULT_BATCH_TOKENS, "--batch-tokens", help="Padded tokens per forward pass"),
     shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows per shard file"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate documents to this many tokens"),
+    max_length: int | None = typer.Option(None, "--max-length", help="Truncate documents to this many tokens"),
     keep_special: bool = typer.Option(False, "--keep-special", help="Keep CLS/SEP/BOS/... tokens (dropped by default)"),
     sort_window: int = typer.Option(
         DEFAULT_SORT_WINDOW, "--sort-window", help="Documents sorted by length together (less padding)"
     ),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
 ) -> None:
     """Harvest a model's activations on a corpus into a sharded store (resumes an interrupted one)."""
     from hsae.sources.hf import Harvester, load_model
@@ -72,8 +71,8 @@ def harvest(
 
 @app.command()
 def hooks(
-    model: Optional[str] = typer.Argument(None, help="Hub name or local model folder (default: embedded MiniLM)"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda"),
+    model: str | None = typer.Argument(None, help="Hub name or local model folder (default: embedded MiniLM)"),
+    device: str | None = typer.Option(None, help="cpu or cuda"),
 ) -> None:
     """List a model's hookable modules (one activation per token) with their output widths."""
     from hsae.sources.hf import hook_sites, load_model

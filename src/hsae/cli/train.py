@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -31,39 +30,49 @@ def _split_options(family, overrides: dict[str, str]) -> tuple[dict[str, str], d
 
 @app.command()
 def train(
-    arch: str = typer.Option(..., help="SAE family: relu, topk, batchtopk, jumprelu, matryoshka, mp, h-sae, forest, tree"),
-    data: Optional[str] = typer.Option(
-        None, help="'synthetic', a .npy / .safetensors activation file, or an hsae store (from `hsae harvest`); "
-        "leave out to harvest on the fly from --model/--hook/--corpus"
+    arch: str = typer.Option(
+        ..., help="SAE family: relu, topk, batchtopk, jumprelu, matryoshka, mp, h-sae, forest, tree"
     ),
-    model: Optional[str] = typer.Option(None, help="On-the-fly source: hub name or model folder (default MiniLM)"),
-    hook: Optional[str] = typer.Option(None, help="On-the-fly source: module to read (default encoder.layer.3)"),
-    corpus: Optional[str] = typer.Option(None, help="On-the-fly source: 'wordnet' or a text/JSONL/dataset path"),
+    data: str | None = typer.Option(
+        None,
+        help="'synthetic', a .npy / .safetensors activation file, or an hsae store (from `hsae harvest`); "
+        "leave out to harvest on the fly from --model/--hook/--corpus",
+    ),
+    model: str | None = typer.Option(None, help="On-the-fly source: hub name or model folder (default MiniLM)"),
+    hook: str | None = typer.Option(None, help="On-the-fly source: module to read (default encoder.layer.3)"),
+    corpus: str | None = typer.Option(None, help="On-the-fly source: 'wordnet' or a text/JSONL/dataset path"),
     n_latents: int = typer.Option(..., "--n-latents", help="Dictionary size"),
     out: Path = typer.Option(..., help="Output folder (config.json, weights.safetensors, checkpoint, metrics)"),
-    k: Optional[int] = typer.Option(None, help="Active latents per token (TopK-style); L0 target for relu/jumprelu"),
+    k: int | None = typer.Option(None, help="Active latents per token (TopK-style); L0 target for relu/jumprelu"),
     steps: int = typer.Option(1000, help="Training steps"),
     batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step"),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-3 / sqrt(n_latents / 16384))"),
+    lr: float | None = typer.Option(None, help="Learning rate (default 1e-3 / sqrt(n_latents / 16384))"),
     seed: int = typer.Option(0, help="Seed of the initialisation and of the data order"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run stopped in --out"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints"),
     log_every: int = typer.Option(10, "--log-every", help="Steps between metric lines"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="Log to Weights & Biases"),
+    wandb_project: str | None = typer.Option(None, "--wandb-project", help="Log to Weights & Biases"),
     option: list[str] = typer.Option(
-        [], "--option", "-o", help="KEY=VALUE for a family option (e.g. aux_coef=0.03) or a training one "
-        "(lr_warmup_steps, b_dec_init, dead_window_tokens, grad_clip_norm, ...)"
+        [],
+        "--option",
+        "-o",
+        help="KEY=VALUE for a family option (e.g. aux_coef=0.03) or a training one "
+        "(lr_warmup_steps, b_dec_init, dead_window_tokens, grad_clip_norm, ...)",
     ),
     synthetic: list[str] = typer.Option(
-        [], "--synthetic", help="KEY=VALUE for --data synthetic: d_in (96), n_roots (40), branching (4), depth (2), "
-        "p_root (0.05), p_child (0.8), parent_cos (0.5), mag_low, mag_high, noise_std, seed"
+        [],
+        "--synthetic",
+        help="KEY=VALUE for --data synthetic: d_in (96), n_roots (40), branching (4), depth (2), "
+        "p_root (0.05), p_child (0.8), parent_cos (0.5), mag_low, mag_high, noise_std, seed",
     ),
-    max_norm_ratio: Optional[float] = typer.Option(
-        None, "--max-norm-ratio", help="Stores: leave out rows whose norm exceeds this multiple of the median "
-        "(default 10; 0 keeps every row)"),
+    max_norm_ratio: float | None = typer.Option(
+        None,
+        "--max-norm-ratio",
+        help="Stores: leave out rows whose norm exceeds this multiple of the median (default 10; 0 keeps every row)",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True),
+    stop_after: int | None = typer.Option(None, "--stop-after", hidden=True),
 ) -> None:
     """Train an SAE; writes OUT/config.json and OUT/weights.safetensors (and checkpoints)."""
     from hsae.models import get_family
@@ -74,8 +83,17 @@ def train(
     sae_opts, train_opts = _split_options(family, parse_overrides(option))
     train_cfg = from_dict(
         TrainConfig,
-        {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "checkpoint_every": checkpoint_every,
-         "log_every": log_every, "device": device, "wandb_project": wandb_project, **train_opts},
+        {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "checkpoint_every": checkpoint_every,
+            "log_every": log_every,
+            "device": device,
+            "wandb_project": wandb_project,
+            **train_opts,
+        },
         what="training",
     )
     if not resume and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 owns the folder
@@ -98,7 +116,6 @@ def train(
     if k is not None:
         sae_values["k"] = k
     sae_cfg = from_dict(family.config_class, sae_values, what=f"{arch} config")
-    trainer = Trainer(sae_cfg, train_cfg, source, out, resume=resume, show_progress=not quiet,
-                      stop_after=stop_after)
+    trainer = Trainer(sae_cfg, train_cfg, source, out, resume=resume, show_progress=not quiet, stop_after=stop_after)
     model = trainer.run()
     typer.echo(f"saved {model.arch} SAE ({model.n_latents} latents, d_in {model.d_in}) to {out}")

@@ -10,7 +10,6 @@ forest are printed too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
@@ -55,8 +54,11 @@ def _print_forest(parents: torch.Tensor, fire_counts: torch.Tensor | None, max_t
 @app.command()
 def tree(
     directory: Path = typer.Argument(..., help="A model folder written by `hsae train`"),
-    data: Optional[str] = typer.Option(None, help="'synthetic' or an activation file/store: the sample used for "
-                                       "post-hoc extraction and statistics (needed for flat families)"),
+    data: str | None = typer.Option(
+        None,
+        help="'synthetic' or an activation file/store: the sample used for "
+        "post-hoc extraction and statistics (needed for flat families)",
+    ),
     n_samples: int = typer.Option(16384, "--n-samples", help="Activation rows to read from --data"),
     min_coverage: float = typer.Option(0.6, "--min-coverage", help="Least P(parent on | child on) for an edge"),
     min_cosine: float = typer.Option(-0.25, "--min-cosine", help="Least decoder cosine between parent and child"),
@@ -111,18 +113,23 @@ def tree(
     typer.echo(f"{sae.arch} SAE, {sae.n_latents} latents; forest {how}")
     if max_trees > 0:
         _print_forest(parents, fire_counts, max_trees, max_children)
-    typer.echo("statistics: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in stats.as_dict().items()))
+    typer.echo(
+        "statistics: "
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.as_dict().items())
+    )
     if x is not None:
         from hsae.eval.hierarchy import active_mask
 
         active = active_mask(sae, x)
         typer.echo(f"parent coverage P(parent on | child on): {parent_coverage(parents, active):.3f}")
         if truth is not None and hasattr(source, "forest"):
-            rep = hierarchy_report(sae, x, truth.true_acts, source.forest.directions, source.forest.parents,
-                                   parents=parents, active=active)
-            typer.echo(f"against the true forest: absorption {rep['absorption']:.3f}, edge precision "
-                       f"{rep['edge_precision']:.3f}, recall {rep['edge_recall']:.3f}, F1 {rep['edge_f1']:.3f}")
+            rep = hierarchy_report(
+                sae, x, truth.true_acts, source.forest.directions, source.forest.parents, parents=parents, active=active
+            )
+            typer.echo(
+                f"against the true forest: absorption {rep['absorption']:.3f}, edge precision "
+                f"{rep['edge_precision']:.3f}, recall {rep['edge_recall']:.3f}, F1 {rep['edge_f1']:.3f}"
+            )
     if save:
         sae.set_hierarchy(parents)
         record = read_config(directory)

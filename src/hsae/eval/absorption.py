@@ -79,7 +79,7 @@ MAX_ABSORBERS = 3
 EPS = 1e-8
 
 # Words, activations and ground-truth probes do not depend on the SAE: one per (model, hook, words).
-_PROBE_DATA: dict[str, "LetterData"] = {}
+_PROBE_DATA: dict[str, LetterData] = {}
 
 
 # ----- metric functions ----------------------------------------------------------------------------
@@ -90,10 +90,19 @@ class TokenAbsorption:
     fraction: Tensor  # (n,) float: absorption fraction
 
 
-def absorption_scores(act_proj: Tensor, codes: Tensor, latent_proj: Tensor, probe_cos: Tensor,
-                      main: list[int], *, full_cos: float = FULL_COS, fraction_cos: float = FRACTION_COS,
-                      proportion: float = PROPORTION, max_absorbers: int = MAX_ABSORBERS,
-                      eps: float = EPS) -> TokenAbsorption:
+def absorption_scores(
+    act_proj: Tensor,
+    codes: Tensor,
+    latent_proj: Tensor,
+    probe_cos: Tensor,
+    main: list[int],
+    *,
+    full_cos: float = FULL_COS,
+    fraction_cos: float = FRACTION_COS,
+    proportion: float = PROPORTION,
+    max_absorbers: int = MAX_ABSORBERS,
+    eps: float = EPS,
+) -> TokenAbsorption:
     """Absorption of one letter on its probe true positives (see the module docstring, step 3).
 
     act_proj (n,): x . p; codes (n, m): SAE codes; latent_proj (n, m): proj_j per token;
@@ -133,8 +142,17 @@ def f1_scores(pred: Tensor, truth: Tensor) -> Tensor:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
 
 
-def train_logistic(x: Tensor, y: Tensor, *, steps: int = 300, lr: float = 1e-2, end_lr: float = 1e-5,
-                   weight_decay: float = 1e-4, l1: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
+def train_logistic(
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    end_lr: float = 1e-5,
+    weight_decay: float = 1e-4,
+    l1: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
     """One-vs-rest logistic regression, full batch: x (n, d) dense or sparse, y (n, c) in {0, 1}.
     BCE with positive weight n_neg / n_pos per column, Adam with exponential decay lr -> end_lr,
     L2 `weight_decay`, and `l1` * mean over columns of sum |w|. Returns W (c, d), b (c,)."""
@@ -163,9 +181,17 @@ def train_logistic(x: Tensor, y: Tensor, *, steps: int = 300, lr: float = 1e-2, 
     return W.detach().T.contiguous(), b.detach()
 
 
-def main_latents(codes_train: Tensor, y_train: Tensor, codes_test: Tensor, y_test: Tensor, *,
-                 max_k: int = DEFAULT_MAX_K, f1_jump: float = F1_JUMP, l1: float = 0.01,
-                 steps: int = 300) -> tuple[list[list[int]], Tensor]:
+def main_latents(
+    codes_train: Tensor,
+    y_train: Tensor,
+    codes_test: Tensor,
+    y_test: Tensor,
+    *,
+    max_k: int = DEFAULT_MAX_K,
+    f1_jump: float = F1_JUMP,
+    l1: float = 0.01,
+    steps: int = 300,
+) -> tuple[list[list[int]], Tensor]:
     """SAEBench's k-sparse probing (module docstring, step 2). codes (n, m) dense; y (n, c) bool.
     Returns the main latents per column and the F1 table (c, max_k) on the test rows."""
     scale = codes_train[codes_train != 0].abs().mean().clamp_min(1e-12) if (codes_train != 0).any() else 1.0
@@ -252,7 +278,7 @@ def word_positions(tokenizer, words: list[str], template: str = TEMPLATE) -> tup
     texts = [template.format(word=w) for w in words]
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
     kept, positions = [], []
-    for word, offsets in zip(words, enc["offset_mapping"]):
+    for word, offsets in zip(words, enc["offset_mapping"], strict=False):
         start, end = prefix, prefix + len(word)
         inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
         if len(inside) == 1 and tuple(offsets[inside[0]]) == (start, end):
@@ -261,17 +287,18 @@ def word_positions(tokenizer, words: list[str], template: str = TEMPLATE) -> tup
     return kept, positions
 
 
-def word_activations(base: BaseModel, words: list[str], positions: list[int], template: str = TEMPLATE,
-                     batch: int = 512) -> Tensor:
+def word_activations(
+    base: BaseModel, words: list[str], positions: list[int], template: str = TEMPLATE, batch: int = 512
+) -> Tensor:
     from hsae.sources.hf import HookedModel
 
     hooked = HookedModel(base.loaded, [base.hook])
     rows = []
     for start in range(0, len(words), batch):
-        texts = [template.format(word=w) for w in words[start:start + batch]]
+        texts = [template.format(word=w) for w in words[start : start + batch]]
         enc = base.loaded.tokenizer(texts, padding=True, return_tensors="pt")
         out = hooked({k: v.to(base.loaded.device) for k, v in enc.items()})[base.hook].float().cpu()
-        pos = torch.tensor(positions[start:start + batch])
+        pos = torch.tensor(positions[start : start + batch])
         rows.append(out[torch.arange(len(pos)), pos])
     return torch.cat(rows)
 
@@ -288,7 +315,7 @@ def letter_data(base: BaseModel, n_words: int = DEFAULT_WORDS, seed: int = 0, st
     random.Random(seed).shuffle(candidates)  # a seeded sample: check candidates until n_words are kept
     words, positions = [], []
     for start in range(0, len(candidates), 4096):
-        kept, pos = word_positions(tokenizer, candidates[start:start + 4096])
+        kept, pos = word_positions(tokenizer, candidates[start : start + 4096])
         words += kept
         positions += pos
         if len(words) >= n_words:
@@ -316,15 +343,16 @@ def letter_data(base: BaseModel, n_words: int = DEFAULT_WORDS, seed: int = 0, st
 # ----- the evaluator ------------------------------------------------------------------------------
 def _dense_codes(sae, x: Tensor, batch: int = 4096) -> Tensor:
     with torch.no_grad():
-        return torch.cat([to_dense(sae.encode(x[i:i + batch])).float().cpu() for i in range(0, len(x), batch)])
+        return torch.cat([to_dense(sae.encode(x[i : i + batch])).float().cpu() for i in range(0, len(x), batch)])
 
 
 def _figures(ctx: EvalContext, metrics: dict[str, Any]) -> list[tuple[str, str]]:
     rows = metrics.get("per_letter") or []
     if not rows:
         return []
-    from hsae.eval.plots import to_svg
     import matplotlib.pyplot as plt
+
+    from hsae.eval.plots import to_svg
 
     fig, ax = plt.subplots(figsize=(7, 3))
     letters = [r["letter"] for r in rows]
@@ -351,8 +379,9 @@ def absorption(ctx: EvalContext) -> dict[str, Any]:
     codes = _dense_codes(sae, data.x)
     y = F.one_hot(data.labels, len(LETTERS)).bool()
     train, test = data.train, ~data.train
-    mains, k_f1 = main_latents(codes[train], y[train], codes[test], y[test], max_k=min(max_k, sae.n_latents),
-                               steps=steps)
+    mains, k_f1 = main_latents(
+        codes[train], y[train], codes[test], y[test], max_k=min(max_k, sae.n_latents), steps=steps
+    )
     with torch.no_grad():
         W_dec = sae.W_dec.detach().float().cpu()
     scale = float(sae.config.input_scale)
@@ -375,24 +404,34 @@ def absorption(ctx: EvalContext) -> dict[str, Any]:
         result = absorption_scores(x_test[tp] @ p, c, c * dec_dot[None, :] / scale, probe_cos, mains[li])
         silent = int(result.main_silent.sum())
         full = int(result.full.sum())
-        rows.append({
-            "letter": letter, "probe_true_positives": n_tp, "probe_f1": float(data.probe_f1[li]),
-            "main_latents": mains[li], "main_latents_f1": float(k_f1[li, len(mains[li]) - 1]),
-            "full_absorption_rate": full / n_tp, "absorption_fraction": float(result.fraction.sum()) / n_tp,
-            "main_silent_rate": silent / n_tp,
-            "absorbed_when_silent": full / silent if silent else float("nan"),
-            "full_absorptions": full, "main_silent": silent,
-        })
+        rows.append(
+            {
+                "letter": letter,
+                "probe_true_positives": n_tp,
+                "probe_f1": float(data.probe_f1[li]),
+                "main_latents": mains[li],
+                "main_latents_f1": float(k_f1[li, len(mains[li]) - 1]),
+                "full_absorption_rate": full / n_tp,
+                "absorption_fraction": float(result.fraction.sum()) / n_tp,
+                "main_silent_rate": silent / n_tp,
+                "absorbed_when_silent": full / silent if silent else float("nan"),
+                "full_absorptions": full,
+                "main_silent": silent,
+            }
+        )
     if len(rows) < MIN_LETTERS:
-        raise Skip(f"only {len(rows)} letters have at least {min_tokens} probe true positives and probe F1 >= "
-                   f"{min_f1} (of {len(data.words)} words); need {MIN_LETTERS}")
+        raise Skip(
+            f"only {len(rows)} letters have at least {min_tokens} probe true positives and probe F1 >= "
+            f"{min_f1} (of {len(data.words)} words); need {MIN_LETTERS}"
+        )
     silent_total = sum(r["main_silent"] for r in rows)
     return {
         "mean_full_absorption": sum(r["full_absorption_rate"] for r in rows) / len(rows),
         "mean_absorption_fraction": sum(r["absorption_fraction"] for r in rows) / len(rows),
         "mean_main_silent_rate": sum(r["main_silent_rate"] for r in rows) / len(rows),
-        "absorbed_when_silent": (sum(r["full_absorptions"] for r in rows) / silent_total
-                                 if silent_total else float("nan")),
+        "absorbed_when_silent": (
+            sum(r["full_absorptions"] for r in rows) / silent_total if silent_total else float("nan")
+        ),
         "mean_split_latents": sum(len(r["main_latents"]) for r in rows) / len(rows),
         "mean_probe_f1": sum(r["probe_f1"] for r in rows) / len(rows),
         "letters_evaluated": len(rows),
@@ -403,5 +442,14 @@ def absorption(ctx: EvalContext) -> dict[str, Any]:
     }
 
 
-__all__ = ["absorption_scores", "TokenAbsorption", "f1_scores", "train_logistic", "main_latents",
-           "candidate_words", "word_positions", "letter_data", "absorption"]
+__all__ = [
+    "absorption_scores",
+    "TokenAbsorption",
+    "f1_scores",
+    "train_logistic",
+    "main_latents",
+    "candidate_words",
+    "word_positions",
+    "letter_data",
+    "absorption",
+]

@@ -73,8 +73,9 @@ def kl_div_score(kl_sae: float, kl_zero: float) -> float:
     return float("nan") if abs(kl_zero) < 1e-12 else (kl_zero - kl_sae) / kl_zero
 
 
-def next_token_losses(logits: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                      ref_logits: Tensor | None = None) -> tuple[float, float, int]:
+def next_token_losses(
+    logits: Tensor, input_ids: Tensor, attention_mask: Tensor, ref_logits: Tensor | None = None
+) -> tuple[float, float, int]:
     """Summed next-token cross-entropy, summed KL(ref || logits) (0 without ref) and the number of
     predicted positions: position t predicts token t+1 wherever token t+1 is real."""
     pred = logits[:, :-1].float()
@@ -169,8 +170,10 @@ def heldout_texts(ctx: EvalContext, base: BaseModel, n: int) -> tuple[list[str],
         elif wordnet_available():
             corpus = wordnet_corpus()
         else:
-            raise Skip("no held-out text: the training data names no corpus and WordNet is not installed; "
-                       "pass the corpus or texts option")
+            raise Skip(
+                "no held-out text: the training data names no corpus and WordNet is not installed; "
+                "pass the corpus or texts option"
+            )
     except HsaeError as err:
         raise Skip(f"cannot open the held-out corpus: {err}") from None
     if corpus.describe() == trained_on:
@@ -203,7 +206,7 @@ def _pooling_mode(base: BaseModel) -> str:
 def _batches(base: BaseModel, texts: list[str]):
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
     for start in range(0, len(order), BATCH):
-        idx = order[start:start + BATCH]
+        idx = order[start : start + BATCH]
         yield idx, base.tokenize([texts[i] for i in idx], MAX_TOKENS)
 
 
@@ -257,11 +260,18 @@ def downstream(ctx: EvalContext) -> dict[str, Any]:
             _BASELINES[key] = lm_losses(base, texts, zero_replacement)
         ce_clean, ce_zero, kl_zero = _BASELINES[key]
         _, ce_sae, kl_sae = lm_losses(base, texts, sae)
-        result.update({
-            "model_kind": "causal_lm", "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
-            "loss_recovered": loss_recovered(ce_clean, ce_sae, ce_zero),
-            "kl_sae": kl_sae, "kl_zero": kl_zero, "kl_div_score": kl_div_score(kl_sae, kl_zero),
-        })
+        result.update(
+            {
+                "model_kind": "causal_lm",
+                "ce_clean": ce_clean,
+                "ce_sae": ce_sae,
+                "ce_zero": ce_zero,
+                "loss_recovered": loss_recovered(ce_clean, ce_sae, ce_zero),
+                "kl_sae": kl_sae,
+                "kl_zero": kl_zero,
+                "kl_div_score": kl_div_score(kl_sae, kl_zero),
+            }
+        )
         return result
     if key not in _BASELINES:
         clean = sentence_embeddings(base, texts)
@@ -271,16 +281,33 @@ def downstream(ctx: EvalContext) -> dict[str, Any]:
     spliced = sentence_embeddings(base, texts, sae)
     cos_sae = float(embedding_cosines(clean, spliced).mean())
     cos_zero = float(embedding_cosines(clean, zero).mean())
-    result.update({
-        "model_kind": "encoder", "pooling": _pooling_mode(base),
-        "embedding_cosine": cos_sae, "embedding_cosine_min": float(embedding_cosines(clean, spliced).min()),
-        "embedding_cosine_zero": cos_zero, "cosine_recovered": cosine_recovered(cos_sae, cos_zero),
-        "nn_kept": nn_kept(clean, spliced), "nn_kept_zero": nn_kept(clean, zero),
-        "self_retrieval": self_retrieval(clean, spliced),
-    })
+    result.update(
+        {
+            "model_kind": "encoder",
+            "pooling": _pooling_mode(base),
+            "embedding_cosine": cos_sae,
+            "embedding_cosine_min": float(embedding_cosines(clean, spliced).min()),
+            "embedding_cosine_zero": cos_zero,
+            "cosine_recovered": cosine_recovered(cos_sae, cos_zero),
+            "nn_kept": nn_kept(clean, spliced),
+            "nn_kept_zero": nn_kept(clean, zero),
+            "self_retrieval": self_retrieval(clean, spliced),
+        }
+    )
     return result
 
 
-__all__ = ["loss_recovered", "kl_div_score", "next_token_losses", "pool_embeddings", "embedding_cosines",
-           "nearest_neighbours", "nn_kept", "self_retrieval", "cosine_recovered", "heldout_texts",
-           "sentence_embeddings", "downstream"]
+__all__ = [
+    "loss_recovered",
+    "kl_div_score",
+    "next_token_losses",
+    "pool_embeddings",
+    "embedding_cosines",
+    "nearest_neighbours",
+    "nn_kept",
+    "self_retrieval",
+    "cosine_recovered",
+    "heldout_texts",
+    "sentence_embeddings",
+    "downstream",
+]

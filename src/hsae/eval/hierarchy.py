@@ -80,8 +80,12 @@ def tree_stats(parents: Tensor) -> TreeStats:
     roots = int((~has_parent & has_children).sum())
     orphans = int((~has_parent & ~has_children).sum())
     return TreeStats(
-        n_latents=n, edges=int(has_parent.sum()), roots=roots, orphans=orphans,
-        in_tree=n - orphans, depth=int(d.max()) if n else 0,
+        n_latents=n,
+        edges=int(has_parent.sum()),
+        roots=roots,
+        orphans=orphans,
+        in_tree=n - orphans,
+        depth=int(d.max()) if n else 0,
         mean_branching=float(children[has_children].float().mean()) if roots or has_children.any() else 0.0,
         max_branching=int(children.max()) if n else 0,
     )
@@ -124,7 +128,7 @@ def edge_scores(parents: Tensor, true_parents: Tensor, latent_of: Tensor) -> Edg
     matched[latent_of] = True
     kids = torch.nonzero(matched & (parents >= 0)).flatten()
     kids = kids[matched[parents[kids]]]
-    true_set = {(int(a), int(b)) for a, b in zip(lp.tolist(), lc.tolist()) if a != b}
+    true_set = {(int(a), int(b)) for a, b in zip(lp.tolist(), lc.tolist(), strict=False) if a != b}
     correct = sum((int(parents[j]), int(j)) in true_set for j in kids.tolist())
     reported = int(kids.numel())
     precision = correct / reported if reported else 0.0
@@ -190,12 +194,19 @@ def active_mask(sae, x: Tensor, batch_size: int = 8192) -> Tensor:
     parts = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            parts.append(to_dense(sae.encode(x[start:start + batch_size])) != 0)
+            parts.append(to_dense(sae.encode(x[start : start + batch_size])) != 0)
     return torch.cat(parts).cpu()
 
 
-def hierarchy_report(sae, x: Tensor, true_acts: Tensor, true_directions: Tensor, true_parents: Tensor,
-                     parents: Tensor | None = None, active: Tensor | None = None) -> dict:
+def hierarchy_report(
+    sae,
+    x: Tensor,
+    true_acts: Tensor,
+    true_directions: Tensor,
+    true_parents: Tensor,
+    parents: Tensor | None = None,
+    active: Tensor | None = None,
+) -> dict:
     """Absorption, edge scores, parent coverage and tree statistics of `sae` (its `hierarchy()`
     unless `parents` is given) on a synthetic sample with known truth."""
     parents = sae.hierarchy() if parents is None else torch.as_tensor(parents, dtype=torch.long)
@@ -204,13 +215,28 @@ def hierarchy_report(sae, x: Tensor, true_acts: Tensor, true_directions: Tensor,
     ab = absorption(active, true_acts, true_parents, lat)
     es = edge_scores(parents, true_parents, lat)
     return {
-        "absorption": ab.rate, "child_silent": ab.child_silent,
-        "edge_precision": es.precision, "edge_recall": es.recall, "edge_f1": es.f1,
-        "parent_coverage": parent_coverage(parents, active), **tree_stats(parents).as_dict(),
+        "absorption": ab.rate,
+        "child_silent": ab.child_silent,
+        "edge_precision": es.precision,
+        "edge_recall": es.recall,
+        "edge_f1": es.f1,
+        "parent_coverage": parent_coverage(parents, active),
+        **tree_stats(parents).as_dict(),
     }
 
 
 __all__ = [
-    "depths", "TreeStats", "tree_stats", "children_of", "true_edges", "latent_of_features", "EdgeScores",
-    "edge_scores", "Absorption", "absorption", "parent_coverage", "active_mask", "hierarchy_report",
+    "depths",
+    "TreeStats",
+    "tree_stats",
+    "children_of",
+    "true_edges",
+    "latent_of_features",
+    "EdgeScores",
+    "edge_scores",
+    "Absorption",
+    "absorption",
+    "parent_coverage",
+    "active_mask",
+    "hierarchy_report",
 ]

@@ -59,8 +59,12 @@ def _figures(ctx: EvalContext, metrics: dict[str, Any]) -> list[tuple[str, str]]
     depth_counts = torch.bincount(depths(parents)).tolist()
     has = parents >= 0
     branching = torch.bincount(parents[has], minlength=parents.numel())
-    return [("the forest's shape: latents per depth, children per parent",
-             plots.forest_shape(depth_counts, branching[branching > 0].tolist()))]
+    return [
+        (
+            "the forest's shape: latents per depth, children per parent",
+            plots.forest_shape(depth_counts, branching[branching > 0].tolist()),
+        )
+    ]
 
 
 @evaluator("hierarchy", figures=_figures)
@@ -69,14 +73,23 @@ def hierarchy(ctx: EvalContext) -> dict[str, Any]:
     active = (codes != 0).cpu()
     parents, source = _forest(ctx, active)
     ctx.cache["parents"] = parents
-    metrics: dict[str, Any] = {"forest": source, **tree_stats(parents).as_dict(),
-                               "parent_coverage": parent_coverage(parents, active),
-                               "parent_explained": parent_explained_fraction(parents, active, ctx.model.W_dec)}
+    metrics: dict[str, Any] = {
+        "forest": source,
+        **tree_stats(parents).as_dict(),
+        "parent_coverage": parent_coverage(parents, active),
+        "parent_explained": parent_explained_fraction(parents, active, ctx.model.W_dec),
+    }
     forest = getattr(ctx.source, "forest", None)
     truth = ctx.cache.get("true_acts")
     if forest is not None and truth is not None:
-        report = hierarchy_report(ctx.model, ctx.x, truth, forest.directions, forest.parents,
-                                  parents=parents, active=active)
-        metrics.update({f"true_{k}": v for k, v in report.items()
-                        if k in ("absorption", "child_silent", "edge_precision", "edge_recall", "edge_f1")})
+        report = hierarchy_report(
+            ctx.model, ctx.x, truth, forest.directions, forest.parents, parents=parents, active=active
+        )
+        metrics.update(
+            {
+                f"true_{k}": v
+                for k, v in report.items()
+                if k in ("absorption", "child_silent", "edge_precision", "edge_recall", "edge_f1")
+            }
+        )
     return metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -17,7 +17,7 @@ def to_svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog so it can sit inside HTML
+    return text[text.index("<svg") :]  # drop the XML prolog so it can sit inside HTML
 
 
 def density_histogram(density: Sequence[float], title: str = "Feature density") -> str:
@@ -26,7 +26,7 @@ def density_histogram(density: Sequence[float], title: str = "Feature density") 
     alive = d[d > 0]
     if alive.size:
         ax.hist(np.log10(alive), bins=40, color="#3b6ea8")
-    ax.set_xlabel("log10 firing frequency (dead latents not shown: %d)" % int((d == 0).sum()))
+    ax.set_xlabel(f"log10 firing frequency (dead latents not shown: {int((d == 0).sum())})")
     ax.set_ylabel("latents")
     ax.set_title(title)
     return to_svg(fig)
@@ -70,7 +70,7 @@ def frontier(points: Sequence[tuple[str, float, float]], title: str = "FVU again
             best = f
             front.append((l0, f))
     if len(front) > 1:
-        ax.plot(*zip(*front), color="#888", linestyle="--", linewidth=1)
+        ax.plot(*zip(*front, strict=False), color="#888", linestyle="--", linewidth=1)
     ax.set_xlabel("L0")
     ax.set_ylabel("FVU")
     ax.set_title(title)

@@ -85,8 +85,10 @@ svg { max-width: 100%; height: auto; }
 
 def render_html(report: Report) -> str:
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report.title)}</title>",
-             f"<style>{_STYLE}</style></head><body><h1>{esc(report.title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report.title)}</title>",
+        f"<style>{_STYLE}</style></head><body><h1>{esc(report.title)}</h1>",
+    ]
     if report.info:
         parts.append("<table>")
         for key, value in report.info.items():

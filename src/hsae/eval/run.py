@@ -9,9 +9,10 @@ functions; `hsae eval` and `hsae compare` pick them up.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,8 +21,13 @@ from hsae.errors import HsaeError
 from hsae.eval.report import Report
 
 # Modules whose import registers evaluators (kept explicit: the order is the report's order).
-EVALUATOR_MODULES = ["hsae.eval.core_evaluators", "hsae.eval.hierarchy_evaluators", "hsae.eval.downstream",
-                     "hsae.eval.absorption", "hsae.eval.wordnet"]
+EVALUATOR_MODULES = [
+    "hsae.eval.core_evaluators",
+    "hsae.eval.hierarchy_evaluators",
+    "hsae.eval.downstream",
+    "hsae.eval.absorption",
+    "hsae.eval.wordnet",
+]
 
 
 class Skip(Exception):
@@ -85,8 +91,15 @@ def gather(source, tokens: int, batch_size: int = 4096) -> Tensor:
     return torch.cat(rows)[:tokens]
 
 
-def evaluate(model, source, *, model_dir: Path | None = None, tokens: int = 65536,
-             only: list[str] | None = None, options: dict[str, Any] | None = None) -> Report:
+def evaluate(
+    model,
+    source,
+    *,
+    model_dir: Path | None = None,
+    tokens: int = 65536,
+    only: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Report:
     if model.d_in != source.d_in:
         raise HsaeError(
             f"the model was trained on width {model.d_in} but the data has width {source.d_in}; "
@@ -103,8 +116,14 @@ def evaluate(model, source, *, model_dir: Path | None = None, tokens: int = 6553
         ctx.cache["true_acts"] = truth
     report = Report(
         title=f"hsae evaluation: {model.arch}" + (f" ({model_dir})" if model_dir else ""),
-        info={"arch": model.arch, "d_in": model.d_in, "n_latents": model.n_latents, "k": model.config.k,
-              "tokens": int(x.shape[0]), "data": source.describe().get("kind", "")},
+        info={
+            "arch": model.arch,
+            "d_in": model.d_in,
+            "n_latents": model.n_latents,
+            "k": model.config.k,
+            "tokens": int(x.shape[0]),
+            "data": source.describe().get("kind", ""),
+        },
     )
     registry = evaluators()
     unknown = sorted(set(only or []) - set(registry))

@@ -22,10 +22,11 @@ alignment) share this module:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,8 +114,16 @@ class BaseModel:
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
         limit = min(x for x in (max_length, self.max_length, self.loaded.max_length) if x)
-        return dict(self.loaded.tokenizer(texts, padding=True, truncation=True, max_length=limit,
-                                          return_tensors="pt", return_special_tokens_mask=True))
+        return dict(
+            self.loaded.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                return_tensors="pt",
+                return_special_tokens_mask=True,
+            )
+        )
 
 
 def _data_record(ctx) -> dict[str, Any]:
@@ -174,8 +183,10 @@ def base_model_for(ctx) -> BaseModel:
             if option is None and model_record.get("path") and not Path(model_record["path"]).is_dir():
                 spec = model_record.get("name")  # the folder moved: try the name (the embedded copy)
             if not spec:
-                raise Skip("the data records no base model to splice into (activation files carry none; "
-                           "evaluate on a store made by `hsae harvest`, or pass the base_model option)")
+                raise Skip(
+                    "the data records no base model to splice into (activation files carry none; "
+                    "evaluate on a store made by `hsae harvest`, or pass the base_model option)"
+                )
             try:
                 loaded = _load(str(spec))
             except HsaeError as err:
@@ -209,5 +220,4 @@ def run_model(base: BaseModel, inputs: dict[str, Tensor], replace: Replacement |
             return base.loaded.model(**model_inputs)
 
 
-__all__ = ["splice_mask", "spliced", "sae_replacement", "zero_replacement", "BaseModel", "base_model_for",
-           "run_model"]
+__all__ = ["splice_mask", "spliced", "sae_replacement", "zero_replacement", "BaseModel", "base_model_for", "run_model"]

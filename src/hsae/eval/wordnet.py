@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,8 +84,9 @@ def concept_set(top: Sequence[str], parents_of: Parents, hops: int = DEFAULT_HOP
     return out
 
 
-def edge_score(parent_top: Sequence[str], child_top: Sequence[str], parents_of: Parents,
-               hops: int = DEFAULT_HOPS, closure=None) -> float:
+def edge_score(
+    parent_top: Sequence[str], child_top: Sequence[str], parents_of: Parents, hops: int = DEFAULT_HOPS, closure=None
+) -> float:
     """Fraction of the child's top synsets lying under the parent's concept set."""
     if not child_top:
         return float("nan")
@@ -94,8 +95,15 @@ def edge_score(parent_top: Sequence[str], child_top: Sequence[str], parents_of: 
     return sum(1 for t in child_top if full(t) & h) / len(child_top)
 
 
-def alignment(top: Mapping[int, Sequence[str]], edges: Sequence[tuple[int, int]], parents_of: Parents, *,
-              hops: int = DEFAULT_HOPS, threshold: float = DEFAULT_THRESHOLD, closure=None) -> tuple[float, float, int]:
+def alignment(
+    top: Mapping[int, Sequence[str]],
+    edges: Sequence[tuple[int, int]],
+    parents_of: Parents,
+    *,
+    hops: int = DEFAULT_HOPS,
+    threshold: float = DEFAULT_THRESHOLD,
+    closure=None,
+) -> tuple[float, float, int]:
     """(share of aligned edges, mean score, edges scored) over edges (parent, child) whose two latents
     have a top set."""
     scores = [edge_score(top[p], top[c], parents_of, hops, closure) for p, c in edges if p in top and c in top]
@@ -121,7 +129,7 @@ def top_nouns(codes: Tensor, k: int = DEFAULT_TOP, min_nouns: int = DEFAULT_MIN_
     out = {}
     values, rows = codes.topk(min(k, codes.shape[0]), dim=0)  # (k, m)
     for j in torch.nonzero(fires >= min_nouns).flatten().tolist():
-        out[j] = [int(r) for r, v in zip(rows[:, j], values[:, j]) if v > 0]
+        out[j] = [int(r) for r, v in zip(rows[:, j], values[:, j], strict=False) if v > 0]
     return out
 
 
@@ -194,9 +202,16 @@ def span_activations(base: BaseModel, contexts: list[tuple[str, str, int, int]],
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i][1]))
     out = torch.zeros(len(contexts), 0)
     for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        enc = tokenizer([contexts[i][1] for i in idx], padding=True, truncation=True, max_length=128,
-                        return_tensors="pt", return_offsets_mapping=True, return_special_tokens_mask=True)
+        idx = order[start : start + batch]
+        enc = tokenizer(
+            [contexts[i][1] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=128,
+            return_tensors="pt",
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
         offsets = enc.pop("offset_mapping")
         special = enc.pop("special_tokens_mask").bool()
         hidden = hooked({k: v.to(base.loaded.device) for k, v in enc.items()})[base.hook].float().cpu()
@@ -242,8 +257,9 @@ def wordnet(ctx: EvalContext) -> dict[str, Any]:
     seed = int(opts.get("seed", 0))
     synsets, acts = noun_data(base, n, seed)
     with torch.no_grad():
-        codes = torch.cat([to_dense(ctx.model.encode(acts[i:i + 4096])).float().cpu()
-                           for i in range(0, len(acts), 4096)])
+        codes = torch.cat(
+            [to_dense(ctx.model.encode(acts[i : i + 4096])).float().cpu() for i in range(0, len(acts), 4096)]
+        )
     top_rows = top_nouns(codes, k, min_nouns)
     top = {j: [synsets[r] for r in rows] for j, rows in top_rows.items()}
     if len(top) < 2:
@@ -252,8 +268,9 @@ def wordnet(ctx: EvalContext) -> dict[str, Any]:
     closure = lru_cache(maxsize=None)(lambda s: frozenset(ancestors(s, parents_of)))
     share, mean_score, scored = alignment(top, edges, parents_of, hops=hops, threshold=threshold, closure=closure)
     if scored < MIN_EDGES:
-        raise Skip(f"none of the forest's {len(edges)} edges joins two latents that fire on at least "
-                   f"{min_nouns} WordNet nouns")
+        raise Skip(
+            f"none of the forest's {len(edges)} edges joins two latents that fire on at least {min_nouns} WordNet nouns"
+        )
     rng = random.Random(seed)
     shares, means = [], []
     for _ in range(draws):
@@ -277,5 +294,14 @@ def wordnet(ctx: EvalContext) -> dict[str, Any]:
     }
 
 
-__all__ = ["ancestors", "concept_set", "edge_score", "alignment", "random_edges", "top_nouns", "noun_contexts",
-           "span_activations", "wordnet"]
+__all__ = [
+    "ancestors",
+    "concept_set",
+    "edge_score",
+    "alignment",
+    "random_edges",
+    "top_nouns",
+    "noun_contexts",
+    "span_activations",
+    "wordnet",
+]

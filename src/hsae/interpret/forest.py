@@ -49,7 +49,7 @@ def coactivation(sae, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor
     co = torch.zeros(m, m, dtype=torch.float32)
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            a = (to_dense(sae.encode(x[start:start + batch_size])) != 0).float().cpu()
+            a = (to_dense(sae.encode(x[start : start + batch_size])) != 0).float().cpu()
             counts += a.sum(0).double()
             co += a.T @ a
     return counts, co
@@ -97,5 +97,11 @@ def model_forest(sae, x: Tensor | None = None, options: ForestOptions | None = N
     return extract_forest(sae, x, options).parents
 
 
-__all__ = ["ForestOptions", "ExtractedForest", "coactivation", "extract_forest", "has_builtin_hierarchy",
-           "model_forest"]
+__all__ = [
+    "ForestOptions",
+    "ExtractedForest",
+    "coactivation",
+    "extract_forest",
+    "has_builtin_hierarchy",
+    "model_forest",
+]

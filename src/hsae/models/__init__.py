@@ -6,7 +6,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from hsae.errors import HsaeError
 from hsae.models.base import SAE, SAEOutput, StepContext, load
@@ -57,6 +58,14 @@ def get_family(name: str) -> type[SAE]:
 
 
 __all__ = [
-    "SAE", "SAEOutput", "StepContext", "Codes", "SparseCodes", "to_dense",
-    "register", "families", "get_family", "load",
+    "SAE",
+    "SAEOutput",
+    "StepContext",
+    "Codes",
+    "SparseCodes",
+    "to_dense",
+    "register",
+    "families",
+    "get_family",
+    "load",
 ]

@@ -199,7 +199,7 @@ class SAE(nn.Module):
         write_json(directory / CONFIG_FILE, payload)
 
     @classmethod
-    def from_config(cls, config: SAEConfig) -> "SAE":
+    def from_config(cls, config: SAEConfig) -> SAE:
         return cls(config)
 
 

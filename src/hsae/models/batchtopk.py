@@ -24,7 +24,11 @@ from torch import Tensor
 from hsae.models import register
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.kernels import (
-    TopKSelection, batch_topk_select, encode_batch_topk_chunked, encoder_matmul, masked_topk_select,
+    TopKSelection,
+    batch_topk_select,
+    encode_batch_topk_chunked,
+    encoder_matmul,
+    masked_topk_select,
 )
 from hsae.models.topk import _SPARSE_ACTIVATES, TopKConfig, TopKSAE, topk_codes
 
@@ -87,9 +91,16 @@ class BatchTopKSAE(TopKSAE):
         whatever the hint, which is the last batch's smallest kept value times `hint_fraction`."""
         last = getattr(self, "_last_kept_min", None)
         sel = encode_batch_topk_chunked(
-            x, self.W_enc.detach(), self.b_enc.detach(), self.config.k, dead_cols=dead_cols, k_aux=k_aux,
-            compute_dtype=self._compute_dtype, chunk_rows=self.train_chunk_rows,
-            scale=self.config.input_scale, b_dec=self.b_dec.detach(),
+            x,
+            self.W_enc.detach(),
+            self.b_enc.detach(),
+            self.config.k,
+            dead_cols=dead_cols,
+            k_aux=k_aux,
+            compute_dtype=self._compute_dtype,
+            chunk_rows=self.train_chunk_rows,
+            scale=self.config.input_scale,
+            b_dec=self.b_dec.detach(),
             hint=None if last is None or last <= 0 else last * self.hint_fraction,
         )
         self.hint_misses = getattr(self, "hint_misses", 0) + int(sel.recomputed)

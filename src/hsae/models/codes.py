@@ -61,16 +61,16 @@ class SparseCodes:
         idx = self.indices.reshape(-1)[self.values.reshape(-1) != 0]
         return torch.bincount(idx, minlength=self.n_latents)
 
-    def detach(self) -> "SparseCodes":
+    def detach(self) -> SparseCodes:
         off = None if self.offsets is None else self.offsets
         return SparseCodes(self.indices, self.values.detach(), self.n_latents, off)
 
-    def to(self, device: torch.device | str) -> "SparseCodes":
+    def to(self, device: torch.device | str) -> SparseCodes:
         off = None if self.offsets is None else self.offsets.to(device)
         return SparseCodes(self.indices.to(device), self.values.to(device), self.n_latents, off)
 
     @staticmethod
-    def from_dense(dense: Tensor) -> "SparseCodes":
+    def from_dense(dense: Tensor) -> SparseCodes:
         """CSR codes holding the nonzeros of a dense (n, m) code."""
         rows, cols = dense.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=dense.shape[0])

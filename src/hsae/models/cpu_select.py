@@ -99,8 +99,11 @@ def disable(err: Exception) -> None:
     one warning that says why and what it costs."""
     global _disabled
     _disabled = f"{type(err).__name__}: {err}"
-    warnings.warn(f"hsae: numba could not compile its CPU top-k kernels ({_disabled}); training goes on with "
-                  "torch ops, about 14% slower per TopK step. Set HSAE_NUMBA=0 to skip the attempt.", stacklevel=3)
+    warnings.warn(
+        f"hsae: numba could not compile its CPU top-k kernels ({_disabled}); training goes on with "
+        "torch ops, about 14% slower per TopK step. Set HSAE_NUMBA=0 to skip the attempt.",
+        stacklevel=3,
+    )
 
 
 if numba is not None:
@@ -284,8 +287,9 @@ class _torch_threads:
             _lock.release()
 
 
-def select_topk(pre: Tensor, k: int, size: int, values: Tensor | None = None, indices: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+def select_topk(
+    pre: Tensor, k: int, size: int, values: Tensor | None = None, indices: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(values ReLU'd, indices) of the k largest entries of each row of `pre` (n, m), a contiguous
     float32/float64 CPU tensor with m % size == 0 and m // size >= 2 k, in no particular order
     (written into `values`/`indices` when given, contiguous (n, k) tensors). Exact: equal to

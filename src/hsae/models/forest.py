@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes
 from hsae.models.jumprelu import _JumpReLU, _Step
+from hsae.models.partition import bounds_from_fractions, group_of_latents
 
 
 @dataclass
@@ -78,8 +78,10 @@ class ForestConfig(SAEConfig):
             raise HsaeError("forest: level_fractions needs at least two positive numbers, e.g. 1,3")
         b = self.level_bounds()
         if len(b) != len(self.level_fractions) + 1:
-            raise HsaeError(f"forest: level_fractions {self.level_fractions} leave a level empty at n_latents {self.n_latents}")
-        if self.activation == "topk" and self.k >= min(hi - lo for lo, hi in zip(b[:-1], b[1:])):
+            raise HsaeError(
+                f"forest: level_fractions {self.level_fractions} leave a level empty at n_latents {self.n_latents}"
+            )
+        if self.activation == "topk" and self.k >= min(hi - lo for lo, hi in zip(b[:-1], b[1:], strict=False)):
             raise HsaeError(f"forest: k {self.k} must be below the smallest level size with activation=topk")
         if self.activation not in ("jumprelu", "topk"):
             raise HsaeError(f"forest: activation must be jumprelu or topk, got {self.activation!r}")
@@ -120,7 +122,7 @@ class ForestSAE(SAE):
             return _JumpReLU.apply(pre, self.log_threshold.exp(), cfg.bandwidth)
         b = cfg.level_bounds()
         out = torch.zeros_like(pre)
-        for lo, hi in zip(b[:-1], b[1:]):
+        for lo, hi in zip(b[:-1], b[1:], strict=False):
             v, i = pre[:, lo:hi].topk(cfg.k, dim=-1, sorted=False)
             out = out.scatter(1, i + lo, v.relu())
         return out
@@ -151,8 +153,10 @@ class ForestSAE(SAE):
         losses = {"mse": level_losses[-1], "level_mse": torch.stack(level_losses[:-1]).sum()}
         if cfg.activation == "jumprelu":
             active = _Step.apply(pre, self.log_threshold.exp(), cfg.bandwidth)  # (n, m)
-            per_level = torch.zeros(L, device=pre.device, dtype=pre.dtype).index_add(
-                0, self.level, active.sum(0)) / pre.shape[0]
+            per_level = (
+                torch.zeros(L, device=pre.device, dtype=pre.dtype).index_add(0, self.level, active.sum(0))
+                / pre.shape[0]
+            )
             losses["l0"] = (self.sparsity_coefs * per_level).sum()
         if cfg.rho > 0 and has_parent.any():
             losses["pc"] = cfg.rho * self.pc_loss(acts)

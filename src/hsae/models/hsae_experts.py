@@ -264,7 +264,7 @@ class HSAE(SAE):
         if cfg.ortho_coef:
             ed = self.D @ self.E  # (n_top, n_top): [i, j] = D_i . E_j
             off = ed - torch.diag_embed(ed.diagonal())
-            losses["ortho"] = ramp * cfg.ortho_coef * off.norm() / (self.n_top ** 2 - self.n_top)
+            losses["ortho"] = ramp * cfg.ortho_coef * off.norm() / (self.n_top**2 - self.n_top)
         if cfg.l1_coef:
             losses["l1"] = ramp * cfg.l1_coef * (top_val.sum(-1) + c_val.sum(-1)).mean()
         return SAEOutput(x_hat=xn_hat / cfg.input_scale, codes=codes, losses=losses)

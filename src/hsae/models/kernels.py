@@ -107,7 +107,10 @@ def clear_cache() -> None:
 def _segment_sum(rows: Tensor, weights: Tensor, table: Tensor, order: Tensor, ptr: Tensor) -> Tensor:
     """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]]  -> (n_latents, d)."""
     return F.embedding_bag(
-        rows.index_select(0, order), table, ptr, mode="sum",
+        rows.index_select(0, order),
+        table,
+        ptr,
+        mode="sum",
         per_sample_weights=weights.index_select(0, order).to(table.dtype),
         include_last_offset=True,
     )
@@ -204,8 +207,14 @@ class _SparseEncoderValues(torch.autograd.Function):
 
 
 def sparse_encoder_values(
-    values: Tensor, xn: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices: Tensor,
-    offsets: Tensor | None = None, xc: Tensor | None = None,
+    values: Tensor,
+    xn: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    indices: Tensor,
+    offsets: Tensor | None = None,
+    xc: Tensor | None = None,
 ) -> Tensor:
     """`values` (ReLU'd pre-activations at `indices`, selected without autograd) as a function of the
     encoder: pre = (xn - b_dec) @ W_enc + b_enc. The forward returns the values unchanged; the
@@ -225,8 +234,9 @@ def _block_size(m: int, k: int) -> int:
 
 
 @torch.no_grad()
-def topk_select(pre: Tensor, k: int, values: Tensor | None = None, indices: Tensor | None = None,
-                *, compiled: bool | None = None) -> tuple[Tensor, Tensor]:
+def topk_select(
+    pre: Tensor, k: int, values: Tensor | None = None, indices: Tensor | None = None, *, compiled: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """(values ReLU'd, indices) of the k largest entries of each row, in no particular order
     (written into `values` / `indices`, contiguous (n, k) tensors, when given).
 
@@ -246,11 +256,14 @@ def topk_select(pre: Tensor, k: int, values: Tensor | None = None, indices: Tens
         return _into(v.relu_(), i, values, indices)
     use = cpu_select.enabled() if compiled is None else (compiled and cpu_select.available())
     if use and k > 0 and pre.dtype in (torch.float32, torch.float64):
-        ok_out = all(t is None or (t.is_contiguous() and t.shape == (n, k) and t.dtype == dt)
-                     for t, dt in ((values, pre.dtype), (indices, torch.long)))
+        ok_out = all(
+            t is None or (t.is_contiguous() and t.shape == (n, k) and t.dtype == dt)
+            for t, dt in ((values, pre.dtype), (indices, torch.long))
+        )
         try:
-            v, i = cpu_select.select_topk(pre.detach().contiguous(), k, size,
-                                          *((values, indices) if ok_out else (None, None)))
+            v, i = cpu_select.select_topk(
+                pre.detach().contiguous(), k, size, *((values, indices) if ok_out else (None, None))
+            )
         except cpu_select.CompileError as err:  # go on with the torch ops below
             cpu_select.disable(err)
         else:
@@ -342,8 +355,17 @@ class BatchTopKCollector:
     `finish` takes the exact top k n among the candidates (ties at the threshold: the first ones
     met), rows in order and latents in order within each row, as CSR (values, indices, offsets)."""
 
-    def __init__(self, n: int, m: int, k: int, *, hint: float | None = None, bound: float | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n: int,
+        m: int,
+        k: int,
+        *,
+        hint: float | None = None,
+        bound: float | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.n, self.m = n, m
         self.total = min(k * n, n * m)
         self.bound = -math.inf if bound is None else float(bound)
@@ -373,7 +395,10 @@ class BatchTopKCollector:
 
     def _cat(self) -> tuple[Tensor, Tensor]:
         if not self._pos:
-            return (torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, dtype=self.dtype, device=self.device))
+            return (
+                torch.empty(0, dtype=torch.long, device=self.device),
+                torch.empty(0, dtype=self.dtype, device=self.device),
+            )
         if len(self._pos) > 1:
             self._pos, self._vals = [torch.cat(self._pos)], [torch.cat(self._vals)]
         return self._pos[0], self._vals[0]
@@ -451,8 +476,14 @@ class TopKSelection:
 
 
 def iter_pre_chunks(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, *, scale: float = 1.0, b_dec: Tensor | None = None,
-    compute_dtype: torch.dtype | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    *,
+    scale: float = 1.0,
+    b_dec: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ):
     """Yield (row0, pre) for row chunks of pre = (scale * x - b_dec) @ W_enc + b_enc (no autograd).
     The chunk's buffer is reused: `pre` is valid until the next chunk is produced."""
@@ -498,9 +529,17 @@ def iter_pre_chunks(
 
 @torch.no_grad()
 def encode_topk_chunked(
-    xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, dead_cols: Tensor | None = None, k_aux: int = 0,
-    compute_dtype: torch.dtype | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    scale: float = 1.0, b_dec: Tensor | None = None,
+    xc: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    dead_cols: Tensor | None = None,
+    k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    scale: float = 1.0,
+    b_dec: Tensor | None = None,
 ) -> TopKSelection:
     """TopK codes (and AuxK entries among `dead_cols`) of pre = (scale * xc - b_dec) @ W_enc + b_enc
     (by default xc is already xn - b_dec), computing the pre-activations `chunk_rows` rows at a time."""
@@ -511,8 +550,9 @@ def encode_topk_chunked(
     if aux:
         aux_values = torch.empty(n, k_aux, dtype=W_enc.dtype, device=xc.device)
         aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=xc.device)
-    for s, pre in iter_pre_chunks(xc, W_enc, b_enc, scale=scale, b_dec=b_dec, compute_dtype=compute_dtype,
-                                  chunk_rows=chunk_rows):
+    for s, pre in iter_pre_chunks(
+        xc, W_enc, b_enc, scale=scale, b_dec=b_dec, compute_dtype=compute_dtype, chunk_rows=chunk_rows
+    ):
         e = s + pre.shape[0]
         topk_select(pre, k, values[s:e], indices[s:e])
         if aux:
@@ -524,9 +564,18 @@ def encode_topk_chunked(
 
 @torch.no_grad()
 def encode_batch_topk_chunked(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, dead_cols: Tensor | None = None, k_aux: int = 0,
-    compute_dtype: torch.dtype | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    scale: float = 1.0, b_dec: Tensor | None = None, hint: float | None = None,
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    dead_cols: Tensor | None = None,
+    k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    scale: float = 1.0,
+    b_dec: Tensor | None = None,
+    hint: float | None = None,
 ) -> TopKSelection:
     """BatchTopK codes (CSR: the k n largest positive pre-activations of the batch) and AuxK entries
     of pre = (scale * x - b_dec) @ W_enc + b_enc, in row chunks (`BatchTopKCollector`). `hint`, a
@@ -559,8 +608,9 @@ def encode_batch_topk_chunked(
 
 
 # ----- the whole sparse step -----------------------------------------------------------------------
-def dense_aux_forward(E: Tensor, aux_z: Tensor, W_dec: Tensor, dead_cols: Tensor, aux_coef: float,
-                      beta: float = 1.0) -> tuple[Tensor, Tensor]:
+def dense_aux_forward(
+    E: Tensor, aux_z: Tensor, W_dec: Tensor, dead_cols: Tensor, aux_coef: float, beta: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """A dense AuxK block's error A = aux_z @ W_dec[dead] + beta * E (the dead latents' reconstruction
     minus the live residual xn - xn_hat = -beta * E) and its loss aux_coef |A|^2 / n."""
     A = torch.addmm(E, aux_z, W_dec.index_select(0, dead_cols), beta=beta)
@@ -568,8 +618,9 @@ def dense_aux_forward(E: Tensor, aux_z: Tensor, W_dec: Tensor, dead_cols: Tensor
     return A, torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, E.shape[0])))
 
 
-def dense_aux_backward(A: Tensor | None, g_aux: Tensor | None, aux_coef: float, W_dec: Tensor, dead_cols: Tensor,
-                       aux_z: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def dense_aux_backward(
+    A: Tensor | None, g_aux: Tensor | None, aux_coef: float, W_dec: Tensor, dead_cols: Tensor, aux_z: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
     """Backward of `dense_aux_forward` (A is overwritten): dA = 2 coef g / n * A; returns the gradient
     of the block's values, dA W_dec[dead]^T where z > 0, and the block's share of grad W_dec[dead],
     z^T dA ((None, None) without an AuxK block or gradient). Callers run it first in their backward
@@ -584,8 +635,9 @@ def dense_aux_backward(A: Tensor | None, g_aux: Tensor | None, aux_coef: float, 
     return grad_z, grad_w_dead
 
 
-def take_dense_aux_grads(ctx, g_aux: Tensor | None, W_dec: Tensor, dead_cols: Tensor | None
-                         ) -> tuple[Tensor | None, Tensor | None]:
+def take_dense_aux_grads(
+    ctx, g_aux: Tensor | None, W_dec: Tensor, dead_cols: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
     """`dense_aux_backward` of the block a fused step's forward left on ctx (`dense_A`, `aux_z`),
     releasing both: the steps call it first in their backward, so the block's (n, d) error and
     (n, n_dead) codes are gone before any (n_latents, d) gradient exists (peak memory)."""
@@ -615,8 +667,9 @@ class _SparseTopKStep(torch.autograd.Function):
         n_bags = bag_offsets.numel() - 1
         # W_dec.detach(): embedding_bag of a weight that requires grad also builds what its own backward
         # would need (bag ids, sizes), ~15% of the call; this function has its own backward.
-        out = F.embedding_bag(cols, W_dec.detach(), bag_offsets, mode="sum", per_sample_weights=vals,
-                              include_last_offset=True)
+        out = F.embedding_bag(
+            cols, W_dec.detach(), bag_offsets, mode="sum", per_sample_weights=vals, include_last_offset=True
+        )
         x_hat = out[:n].add(b_dec)
         if scale != 1.0:
             x_hat.div_(scale)
@@ -674,8 +727,14 @@ class _SparseTopKStep(torch.autograd.Function):
         order, ptr = _group_by_latent(cols, m)
         bags_sorted = bags.index_select(0, order)
         if need_wd:
-            grad_wd = F.embedding_bag(bags_sorted, G, ptr, mode="sum", per_sample_weights=vals.index_select(0, order),
-                                      include_last_offset=True)
+            grad_wd = F.embedding_bag(
+                bags_sorted,
+                G,
+                ptr,
+                mode="sum",
+                per_sample_weights=vals.index_select(0, order),
+                include_last_offset=True,
+            )
             if grad_wd_dead is not None:
                 grad_wd.index_add_(0, dead_cols, grad_wd_dead)
         del grad_wd_dead
@@ -686,14 +745,41 @@ class _SparseTopKStep(torch.autograd.Function):
         g.mul_(vals > 0)  # ReLU: no gradient where the value was clipped to 0
         g_sorted = g.index_select(0, order)
         del g
-        grad_we, grad_be = encoder_grads(W_enc, x, s, b_dec, cols.index_select(0, order), g_sorted, bags_sorted, ptr,
-                                         n, grad_bd, need_we, need_be, grad_z, dead_cols)
+        grad_we, grad_be = encoder_grads(
+            W_enc,
+            x,
+            s,
+            b_dec,
+            cols.index_select(0, order),
+            g_sorted,
+            bags_sorted,
+            ptr,
+            n,
+            grad_bd,
+            need_we,
+            need_be,
+            grad_z,
+            dead_cols,
+        )
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
 
 
-def encoder_grads(W_enc: Tensor, x: Tensor, scale: float, b_dec: Tensor, cols: Tensor, g: Tensor, bags: Tensor,
-                  ptr: Tensor, n: int, grad_bd: Tensor | None, need_we: bool, need_be: bool,
-                  grad_z: Tensor | None = None, dead_cols: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+def encoder_grads(
+    W_enc: Tensor,
+    x: Tensor,
+    scale: float,
+    b_dec: Tensor,
+    cols: Tensor,
+    g: Tensor,
+    bags: Tensor,
+    ptr: Tensor,
+    n: int,
+    grad_bd: Tensor | None,
+    need_we: bool,
+    need_be: bool,
+    grad_z: Tensor | None = None,
+    dead_cols: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
     """(grad W_enc, grad b_enc) from the gradients g of the selected pre-activations, entries sorted
     by latent (cols, bags with CSR pointer ptr; bags >= n are AuxK bags of token bag - n), plus a dense
     AuxK block's value gradients grad_z over `dead_cols`; grad_bd gets the encoder's share,
@@ -716,8 +802,9 @@ def encoder_grads(W_enc: Tensor, x: Tensor, scale: float, b_dec: Tensor, cols: T
 _WENC_BLOCK = 256
 
 
-def _segment_sum_transposed(rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, scale: float,
-                            b_dec: Tensor, colsum: Tensor) -> Tensor:
+def _segment_sum_transposed(
+    rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, scale: float, b_dec: Tensor, colsum: Tensor
+) -> Tensor:
     """(d, m) matrix whose column j is scale * sum_{e in latent j} weights[e] * table[rows[e]]
     - b_dec * colsum[j], for entries sorted by latent with CSR pointer `ptr`, built block by block
     (no (m, d) intermediate)."""
@@ -728,7 +815,7 @@ def _segment_sum_transposed(rows: Tensor, weights: Tensor, table: Tensor, ptr: T
         # need a host sync).
         return _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum)
     out = torch.empty(d, m, dtype=table.dtype, device=table.device)
-    bounds = ptr[:: _WENC_BLOCK].tolist() + ([int(ptr[-1])] if m % _WENC_BLOCK else [])
+    bounds = ptr[::_WENC_BLOCK].tolist() + ([int(ptr[-1])] if m % _WENC_BLOCK else [])
     _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum)
     return out
 
@@ -745,8 +832,14 @@ def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec
     for blk, j0 in enumerate(range(0, m, _WENC_BLOCK)):
         j1 = min(m, j0 + _WENC_BLOCK)
         p0, p1 = bounds[blk], bounds[blk + 1]
-        part = F.embedding_bag(rows[p0:p1], table, ptr[j0 : j1 + 1] - p0, mode="sum",
-                               per_sample_weights=weights[p0:p1], include_last_offset=True)
+        part = F.embedding_bag(
+            rows[p0:p1],
+            table,
+            ptr[j0 : j1 + 1] - p0,
+            mode="sum",
+            per_sample_weights=weights[p0:p1],
+            include_last_offset=True,
+        )
         # scale * part^T - b_dec (x) colsum, written into the block's columns in one pass
         torch.addr(part.t(), b_dec, colsum[j0:j1], beta=scale, alpha=-1, out=out[:, j0:j1])
 
@@ -765,13 +858,17 @@ def _selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
     live = sel.aux_values > 0
     aux_off = torch.zeros(live.shape[0], dtype=torch.long, device=cols.device)
     torch.cumsum(live.sum(1), 0, out=aux_off)
-    return (torch.cat([cols, sel.aux_indices[live]]), torch.cat([vals, sel.aux_values[live]]),
-            torch.cat([offsets, aux_off.add_(cols.numel())]))
+    return (
+        torch.cat([cols, sel.aux_indices[live]]),
+        torch.cat([vals, sel.aux_values[live]]),
+        torch.cat([offsets, aux_off.add_(cols.numel())]),
+    )
 
 
 @torch.no_grad()
-def dense_aux_codes(x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_cols: Tensor,
-                    k_aux: int) -> Tensor:
+def dense_aux_codes(
+    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_cols: Tensor, k_aux: int
+) -> Tensor:
     """The AuxK codes as a dense (n, n_dead) block over the dead latents' columns: their
     pre-activations (scale * x - b_dec) @ W_enc[:, dead] + b_enc[dead], the k_aux largest of each
     row kept (ReLU'd), the rest 0 (no autograd)."""
@@ -781,8 +878,15 @@ def dense_aux_codes(x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, b_dec
 
 
 def sparse_topk_step(
-    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, sel: TopKSelection,
-    aux_coef: float = 0.0, dense_aux: tuple[Tensor, Tensor] | None = None,
+    x: Tensor,
+    scale: float,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    sel: TopKSelection,
+    aux_coef: float = 0.0,
+    dense_aux: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(x_hat in raw units, mse, auxk or None) of the codes selected from x (raw, (n, d)) with
     xn = scale * x: mse = |xn_hat - xn|^2 summed over dimensions, averaged over tokens; auxk as
@@ -792,8 +896,20 @@ def sparse_topk_step(
     (`_SparseTopKStep`)."""
     cols, vals, offsets = _selection_entries(sel)
     dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
-    x_hat, mse, aux = _SparseTopKStep.apply(W_enc, b_enc, W_dec, b_dec, x, float(scale), cols,
-                                           vals.to(W_dec.dtype), offsets, float(aux_coef), dead_cols, aux_z)
+    x_hat, mse, aux = _SparseTopKStep.apply(
+        W_enc,
+        b_enc,
+        W_dec,
+        b_dec,
+        x,
+        float(scale),
+        cols,
+        vals.to(W_dec.dtype),
+        offsets,
+        float(aux_coef),
+        dead_cols,
+        aux_z,
+    )
     return x_hat, mse, (aux if sel.aux_values is not None or dense_aux is not None else None)
 
 

@@ -40,11 +40,11 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
 from hsae.models.kernels import sparse_decode
+from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.prefix_step import sparse_prefix_step
 from hsae.models.topk import TopKSAE
 
@@ -102,8 +102,12 @@ class MatryoshkaSAE(BatchTopKSAE):
     def _matryoshka_sparse_ok(self) -> bool:
         cls = type(self)
         return (
-            self.sparse_training and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad
-            and cls.activate is BatchTopKSAE.activate and cls.extra_losses is TopKSAE.extra_losses
+            self.sparse_training
+            and self.training
+            and torch.is_grad_enabled()
+            and self.W_enc.requires_grad
+            and cls.activate is BatchTopKSAE.activate
+            and cls.extra_losses is TopKSAE.extra_losses
         )
 
     def _prefix_losses(self, xn: Tensor, idx: Tensor, val: Tensor, off: Tensor | None) -> tuple[Tensor, dict]:
@@ -118,7 +122,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         xn_hat = self.b_dec.expand_as(xn)
         prefix_losses = []
         bounds = self.group_bounds()
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
             in_group = (idx >= lo) & (idx < hi)
             if bool(in_group.any()):
                 counts = torch.bincount(rows[in_group], minlength=n)
@@ -162,8 +166,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         sel, dense_aux = self._select_with_aux(x, ctx)
         bounds = self.group_bounds()
         x_hat, mse, prefix_mse, auxk = sparse_prefix_step(
-            x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel, bounds,
-            self.config.aux_coef, dense_aux,
+            x,
+            self.config.input_scale,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.b_dec,
+            sel,
+            bounds,
+            self.config.aux_coef,
+            dense_aux,
         )
         losses = {"mse": mse}
         if len(bounds) > 2:

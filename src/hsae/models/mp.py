@@ -84,7 +84,9 @@ class MPConfig(SAEConfig):
         if self.revive_coef < 0:
             raise HsaeError("mp: revive_coef must be >= 0")
         if not 0 <= self.stop_threshold < 1:
-            raise HsaeError(f"mp: stop_threshold must be in [0, 1) (a fraction of ||x - b_dec||), got {self.stop_threshold}")
+            raise HsaeError(
+                f"mp: stop_threshold must be in [0, 1) (a fraction of ||x - b_dec||), got {self.stop_threshold}"
+            )
         if self.stop_threshold > 0 and not self.adaptive_stop:
             raise HsaeError("mp: stop_threshold needs adaptive_stop=true")
 
@@ -104,9 +106,9 @@ def argmax_rows(c: Tensor, block: int = ARGMAX_BLOCK) -> Tensor:
     nb = m // block
     if nb < 2 or c.device.type != "cpu":  # GPUs' argmax is already a parallel reduction
         return c.argmax(dim=1)
-    bmax = c[:, :nb * block].unflatten(1, (nb, block)).amax(dim=2)
+    bmax = c[:, : nb * block].unflatten(1, (nb, block)).amax(dim=2)
     if nb * block < m:
-        bmax = torch.cat([bmax, c[:, nb * block:].amax(dim=1, keepdim=True)], 1)
+        bmax = torch.cat([bmax, c[:, nb * block :].amax(dim=1, keepdim=True)], 1)
     pos = (bmax.argmax(dim=1) * block)[:, None] + torch.arange(block, device=c.device)
     pos = pos.clamp_max_(m - 1)  # the short last block repeats its last column (after it: no effect)
     return pos.gather(1, c.gather(1, pos).argmax(dim=1, keepdim=True)).squeeze(1)
@@ -141,15 +143,16 @@ class _Stopper:
     def update(self, j: Tensor, a: Tensor, sq_j: Tensor) -> None:
         """After a step that picked atoms `j` with (masked) coefficients `a`; sq_j = ||w_j||^2."""
         a = a.detach()
-        repeat = (self.picked[:, :self.t] == j[:, None]).any(1)
+        repeat = (self.picked[:, : self.t] == j[:, None]).any(1)
         self.picked[:, self.t] = j
         self.t += 1
         self.r2 = self.r2 - a * a * sq_j  # a = c_j / ||w_j||^2, so a^2 ||w_j||^2 = c_j^2 / ||w_j||^2
         self.done = self.done | repeat | (a == 0) | (self.r2 <= self.floor)  # not in place: autograd saved it
 
 
-def mp_naive(xc: Tensor, W: Tensor, k: int, nonneg: bool = True, *, adaptive_stop: bool = False,
-             stop_threshold: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def mp_naive(
+    xc: Tensor, W: Tensor, k: int, nonneg: bool = True, *, adaptive_stop: bool = False, stop_threshold: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Matching pursuit, residual form. Returns indices (n, k), coefficients (n, k), residual (n, d).
     With `adaptive_stop`, rows that stopped get coefficient 0 in their later slots (see MPConfig)."""
     r = xc
@@ -169,8 +172,16 @@ def mp_naive(xc: Tensor, W: Tensor, k: int, nonneg: bool = True, *, adaptive_sto
     return torch.stack(idx, 1), torch.stack(val, 1), r
 
 
-def mp_gram(xc: Tensor, W: Tensor, k: int, nonneg: bool = True, G: Tensor | None = None, *,
-            adaptive_stop: bool = False, stop_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+def mp_gram(
+    xc: Tensor,
+    W: Tensor,
+    k: int,
+    nonneg: bool = True,
+    G: Tensor | None = None,
+    *,
+    adaptive_stop: bool = False,
+    stop_threshold: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """Matching pursuit, Gram form: c_{t+1} = c_t - a G[j] with G = W W^T. Returns indices, coefficients."""
     G = W @ W.T if G is None else G
     inplace = not (torch.is_grad_enabled() and (xc.requires_grad or W.requires_grad or G.requires_grad))

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hsae.models.kernels import (
-    TopKSelection, _group_by_latent, _selection_entries, dense_aux_forward, encoder_grads, take_dense_aux_grads,
+    TopKSelection,
+    _group_by_latent,
+    _selection_entries,
+    dense_aux_forward,
+    encoder_grads,
+    take_dense_aux_grads,
 )
 
 
@@ -42,8 +47,9 @@ def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) ->
     """Rows of sum_e vals[e] * W_dec[cols[e]] for the CSR bags `offsets` over entries starting at p0."""
     # detached: the caller has its own backward, and embedding_bag of a weight that requires grad
     # also builds what autograd would need
-    return F.embedding_bag(cols, W_dec.detach(), offsets - p0, mode="sum", per_sample_weights=vals,
-                           include_last_offset=True)
+    return F.embedding_bag(
+        cols, W_dec.detach(), offsets - p0, mode="sum", per_sample_weights=vals, include_last_offset=True
+    )
 
 
 # Rows decoded at once when a group's reconstruction is added to the running error: the temporary
@@ -82,14 +88,35 @@ def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tens
     for blk, j0 in enumerate(range(lo, hi, step)):
         j1 = min(hi, j0 + step)
         p0, p1 = cuts[blk], cuts[blk + 1]
-        out[j0:j1] = F.embedding_bag(rows[p0:p1], table, ptr[j0 : j1 + 1] - p0, mode="sum",
-                                     per_sample_weights=weights[p0:p1], include_last_offset=True)
+        out[j0:j1] = F.embedding_bag(
+            rows[p0:p1],
+            table,
+            ptr[j0 : j1 + 1] - p0,
+            mode="sum",
+            per_sample_weights=weights[p0:p1],
+            include_last_offset=True,
+        )
 
 
 class _SparsePrefixStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, n_code, bounds, aux_coef,  # type: ignore[override]
-                dead_cols, aux_z):
+    def forward(
+        ctx,
+        W_enc,
+        b_enc,
+        W_dec,
+        b_dec,
+        x,
+        scale,
+        cols,
+        vals,
+        bag_offsets,
+        n_code,
+        bounds,
+        aux_coef,  # type: ignore[override]
+        dead_cols,
+        aux_z,
+    ):
         n, d = x.shape
         n_bags = bag_offsets.numel() - 1
         n_groups = len(bounds) - 1
@@ -132,8 +159,7 @@ class _SparsePrefixStep(torch.autograd.Function):
         else:
             aux = torch.zeros((), dtype=E.dtype, device=device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff,
-                              dead_cols)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols)
         ctx.aux_z = aux_z  # (no autograd history) freed as soon as the backward is done with it
         ctx.E, ctx.G = E, G  # not saved: the backward overwrites them in place
         ctx.scale, ctx.aux_coef, ctx.bounds, ctx.starts = scale, aux_coef, bounds, starts
@@ -143,7 +169,9 @@ class _SparsePrefixStep(torch.autograd.Function):
     def backward(ctx, g_xhat, g_mse, g_prefix, g_aux):  # type: ignore[override]
         E, G = ctx.E, ctx.G
         if E is None:
-            raise RuntimeError("the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)")
+            raise RuntimeError(
+                "the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)"
+            )
         ctx.E = ctx.G = None
         W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
         grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
@@ -181,7 +209,8 @@ class _SparsePrefixStep(torch.autograd.Function):
                 _segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, G, ptr)
             if p1 > p0:
                 gv[p0:p1] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    G, W_dec, cols_s[p0:p1], bag_offsets[:-1], bags_s[p0:p1], 0, -1)
+                    G, W_dec, cols_s[p0:p1], bag_offsets[:-1], bags_s[p0:p1], 0, -1
+                )
             if g > 0:
                 if starts[g + 1] > starts[g]:
                     _add_group_(E, group_cols, group_vals, W_dec, goff[g * n : (g + 1) * n + 1], -1.0)
@@ -196,14 +225,23 @@ class _SparsePrefixStep(torch.autograd.Function):
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 10)
         gv.mul_(vals_s > 0)  # ReLU: no gradient where the value was clipped to 0
-        grad_we, grad_be = encoder_grads(W_enc, x, s, b_dec, cols_s, gv, bags_s, ptr, n, grad_bd, need_we, need_be,
-                                         grad_z, dead_cols)
+        grad_we, grad_be = encoder_grads(
+            W_enc, x, s, b_dec, cols_s, gv, bags_s, ptr, n, grad_bd, need_we, need_be, grad_z, dead_cols
+        )
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 10)
 
 
 def sparse_prefix_step(
-    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, sel: TopKSelection,
-    bounds: list[int], aux_coef: float = 0.0, dense_aux: tuple[Tensor, Tensor] | None = None,
+    x: Tensor,
+    scale: float,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    sel: TopKSelection,
+    bounds: list[int],
+    aux_coef: float = 0.0,
+    dense_aux: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(x_hat in raw units, mse, prefix_mse, auxk or None) of the codes selected from x (raw, (n, d))
     with xn = scale * x and latent groups cut at `bounds` ([0, ..., n_latents]); see the module
@@ -214,8 +252,21 @@ def sparse_prefix_step(
     n_code = sel.indices.numel()
     dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
     x_hat, mse, prefix, aux = _SparsePrefixStep.apply(
-        W_enc, b_enc, W_dec, b_dec, x, float(scale), cols, vals.to(W_dec.dtype), offsets, n_code,
-        [int(b) for b in bounds], float(aux_coef), dead_cols, aux_z)
+        W_enc,
+        b_enc,
+        W_dec,
+        b_dec,
+        x,
+        float(scale),
+        cols,
+        vals.to(W_dec.dtype),
+        offsets,
+        n_code,
+        [int(b) for b in bounds],
+        float(aux_coef),
+        dead_cols,
+        aux_z,
+    )
     return x_hat, mse, prefix, (aux if sel.aux_values is not None or dense_aux is not None else None)
 
 

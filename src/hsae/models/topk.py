@@ -34,12 +34,30 @@ from hsae.models import register
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.kernels import (
-    DEFAULT_CHUNK_ROWS, TopKSelection, compute_dtype_of, dense_aux_codes, encode_topk_chunked, encoder_matmul,
-    remove_parallel_component_, sparse_decode, sparse_encoder_values, sparse_topk_step,
+    DEFAULT_CHUNK_ROWS,
+    TopKSelection,
+    compute_dtype_of,
+    dense_aux_codes,
+    encode_topk_chunked,
+    encoder_matmul,
+    remove_parallel_component_,
+    sparse_decode,
+    sparse_encoder_values,
+    sparse_topk_step,
 )
 
-__all__ = ["TopKConfig", "TopKSAE", "topk_codes", "aux_plan", "auxk_term", "auxk_loss", "sparse_decode",
-           "sparse_encoder_values", "encode_topk_chunked", "encoder_matmul"]
+__all__ = [
+    "TopKConfig",
+    "TopKSAE",
+    "topk_codes",
+    "aux_plan",
+    "auxk_term",
+    "auxk_loss",
+    "sparse_decode",
+    "sparse_encoder_values",
+    "encode_topk_chunked",
+    "encoder_matmul",
+]
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -98,7 +116,9 @@ def use_dense_auxk(n: int, dead_cols: Tensor | None) -> bool:
     return dead_cols is not None and n * dead_cols.numel() <= DENSE_AUXK_MAX_ELEMENTS
 
 
-def auxk_loss(model: SAE, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None, aux_k: int) -> dict[str, Tensor]:
+def auxk_loss(
+    model: SAE, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None, aux_k: int
+) -> dict[str, Tensor]:
     """Gao et al.'s AuxK term: dead latents reconstruct the residual of the live ones (the k_aux
     largest pre-activations among the dead latents, ReLU'd; gradients flow through `pre`)."""
     dead_cols, k_aux = aux_plan(model, ctx, aux_k)
@@ -144,8 +164,11 @@ class TopKSAE(SAE):
         subclass that changes either (and keeps this forward) gets the dense formulation."""
         cls = type(self)
         return (
-            self.training and torch.is_grad_enabled() and self.W_enc.requires_grad
-            and cls.activate in _SPARSE_ACTIVATES and cls.extra_losses is TopKSAE.extra_losses
+            self.training
+            and torch.is_grad_enabled()
+            and self.W_enc.requires_grad
+            and cls.activate in _SPARSE_ACTIVATES
+            and cls.extra_losses is TopKSAE.extra_losses
         )
 
     def _select_train(
@@ -153,8 +176,14 @@ class TopKSAE(SAE):
     ) -> tuple[SparseCodes, tuple[Tensor, Tensor] | None]:
         """Training codes (values without autograd) and the AuxK entries, from xc = xn - b_dec."""
         sel = encode_topk_chunked(
-            xc, self.W_enc.detach(), self.b_enc.detach(), self.config.k, dead_cols=dead_cols, k_aux=k_aux,
-            compute_dtype=self._compute_dtype, chunk_rows=self.train_chunk_rows,
+            xc,
+            self.W_enc.detach(),
+            self.b_enc.detach(),
+            self.config.k,
+            dead_cols=dead_cols,
+            k_aux=k_aux,
+            compute_dtype=self._compute_dtype,
+            chunk_rows=self.train_chunk_rows,
         )
         codes = SparseCodes(sel.indices, sel.values, self.n_latents)
         aux = None if sel.aux_values is None else (sel.aux_values, sel.aux_indices)
@@ -164,12 +193,21 @@ class TopKSAE(SAE):
         """Training codes and AuxK entries (no autograd) of raw inputs x: the pre-activations
         (scale * x - b_dec) @ W_enc + b_enc are computed in row chunks, never all at once."""
         return encode_topk_chunked(
-            x, self.W_enc.detach(), self.b_enc.detach(), self.config.k, dead_cols=dead_cols, k_aux=k_aux,
-            compute_dtype=self._compute_dtype, chunk_rows=self.train_chunk_rows,
-            scale=self.config.input_scale, b_dec=self.b_dec.detach(),
+            x,
+            self.W_enc.detach(),
+            self.b_enc.detach(),
+            self.config.k,
+            dead_cols=dead_cols,
+            k_aux=k_aux,
+            compute_dtype=self._compute_dtype,
+            chunk_rows=self.train_chunk_rows,
+            scale=self.config.input_scale,
+            b_dec=self.b_dec.detach(),
         )
 
-    def _select_with_aux(self, x: Tensor, ctx: StepContext | None) -> tuple[TopKSelection, tuple[Tensor, Tensor] | None]:
+    def _select_with_aux(
+        self, x: Tensor, ctx: StepContext | None
+    ) -> tuple[TopKSelection, tuple[Tensor, Tensor] | None]:
         """The training selection of raw inputs x and the AuxK codes: sparse entries inside the
         selection, or (dead latent ids, a dense block over their columns) when that is small
         (`use_dense_auxk`)."""
@@ -178,8 +216,9 @@ class TopKSAE(SAE):
         sel = self._select_sparse(x, None if dense else dead_cols, k_aux)
         if not dense:
             return sel, None
-        z = dense_aux_codes(x, self.config.input_scale, self.W_enc.detach(), self.b_enc.detach(),
-                            self.b_dec.detach(), dead_cols, k_aux)
+        z = dense_aux_codes(
+            x, self.config.input_scale, self.W_enc.detach(), self.b_enc.detach(), self.b_dec.detach(), dead_cols, k_aux
+        )
         return sel, (dead_cols, z)
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
@@ -190,8 +229,15 @@ class TopKSAE(SAE):
         x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
         sel, dense_aux = self._select_with_aux(x, ctx)
         x_hat, mse, auxk = sparse_topk_step(
-            x, self.config.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sel,
-            self.config.aux_coef, dense_aux,  # type: ignore[attr-defined]
+            x,
+            self.config.input_scale,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.b_dec,
+            sel,
+            self.config.aux_coef,
+            dense_aux,  # type: ignore[attr-defined]
         )
         losses = {"mse": mse}
         if auxk is not None:

@@ -64,10 +64,10 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.models import register
-from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.base import SAEOutput, StepContext
 from hsae.models.codes import SparseCodes
 from hsae.models.kernels import sparse_decode
+from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.topk import TopKConfig, TopKSAE
 
 

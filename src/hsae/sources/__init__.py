@@ -8,8 +8,9 @@ from hsae.errors import HsaeError
 from hsae.sources.base import ActivationSource
 
 
-def open_model_source(model: str | None, hook: str | None, corpus: str, *, seed: int = 0,
-                      device: str | None = None) -> ActivationSource:
+def open_model_source(
+    model: str | None, hook: str | None, corpus: str, *, seed: int = 0, device: str | None = None
+) -> ActivationSource:
     """Activations harvested on the fly from `model` at `hook` on `corpus` (no cache on disk)."""
     from hsae.sources.hf import DEFAULT_HOOK, ModelActivationSource, load_model
     from hsae.sources.text import open_corpus
@@ -18,8 +19,9 @@ def open_model_source(model: str | None, hook: str | None, corpus: str, *, seed:
     return ModelActivationSource(load_model(model, device=device), hook or DEFAULT_HOOK, documents, seed=seed)
 
 
-def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = None,
-                max_norm_ratio: float | None = None) -> ActivationSource:
+def open_source(
+    data: str, *, seed: int = 0, synthetic: dict[str, str] | None = None, max_norm_ratio: float | None = None
+) -> ActivationSource:
     """`synthetic`, an activation file (.npy / .safetensors), or an hsae store folder.
     `max_norm_ratio` (stores only; None: the store's default of 10, 0: keep all rows) leaves rows
     with a norm above that multiple of the median out of the stream."""
@@ -41,7 +43,9 @@ def open_source(data: str, *, seed: int = 0, synthetic: dict[str, str] | None = 
 
             ratio = DEFAULT_MAX_NORM_RATIO if max_norm_ratio is None else max_norm_ratio
             return ActivationStore.open(path, seed=seed, max_norm_ratio=ratio)
-        raise HsaeError(f"--data {path} is a folder but not an hsae store (no manifest.json); make one with `hsae harvest`")
+        raise HsaeError(
+            f"--data {path} is a folder but not an hsae store (no manifest.json); make one with `hsae harvest`"
+        )
     from hsae.sources.files import ArrayActivations
 
     return ArrayActivations.from_file(path, seed=seed)

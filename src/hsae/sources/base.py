@@ -7,7 +7,8 @@ parallel ranks pass `rank`/`world_size` and get disjoint data.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -16,9 +17,7 @@ from torch import Tensor
 class ActivationSource(Protocol):
     d_in: int
 
-    def batches(
-        self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
         """Float32 batches (batch_size, d_in), endless (epochs wrap), starting at `start_step`."""
         ...
 

@@ -7,8 +7,9 @@ depend only on (seed, step), so a resumed run continues with exactly the batches
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,24 +87,29 @@ class ArrayActivations:
         self._description = description or {"kind": "array"}
 
     @classmethod
-    def from_file(cls, path: str | Path, seed: int = 0) -> "ArrayActivations":
+    def from_file(cls, path: str | Path, seed: int = 0) -> ArrayActivations:
         data = load_activation_file(path)
-        return cls(data, seed, {"kind": "file", "path": str(Path(path).resolve()), "rows": data.shape[0],
-                                "d_in": data.shape[1], "dtype": str(data.dtype).replace("torch.", "")})
+        return cls(
+            data,
+            seed,
+            {
+                "kind": "file",
+                "path": str(Path(path).resolve()),
+                "rows": data.shape[0],
+                "d_in": data.shape[1],
+                "dtype": str(data.dtype).replace("torch.", ""),
+            },
+        )
 
     def _epoch_order(self, epoch: int) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.data.shape[0], generator=gen)
 
-    def batches(
-        self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
         n = self.data.shape[0]
         per_step = batch_size * world_size
         if per_step > n:
-            raise HsaeError(
-                f"the data has {n} rows but one step needs {per_step}; lower --batch-size or add data"
-            )
+            raise HsaeError(f"the data has {n} rows but one step needs {per_step}; lower --batch-size or add data")
         steps_per_epoch = n // per_step
         step = start_step
         epoch, order = -1, None

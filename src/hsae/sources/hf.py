@@ -19,10 +19,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -191,7 +192,7 @@ def split_hook(hook: str) -> tuple[str, str]:
     return hook, "output"
 
 
-def attention_heads(loaded: "LoadedModel", hook: str, width: int) -> tuple[int, int] | None:
+def attention_heads(loaded: LoadedModel, hook: str, width: int) -> tuple[int, int] | None:
     """(heads, d_head) when `hook` reads the concatenated heads before an attention output
     projection (a `blocks.L.attn.hook_z` site) and the model's head count divides its width, so
     that per-head analyses can view the decoder in blocks; else None."""
@@ -249,8 +250,12 @@ def hook_sites(loaded: LoadedModel) -> list[HookSite]:
             # the heads before an attention output projection (any module's input can be hooked;
             # these are the ones with a TransformerLens name, listed so users find them)
             x = args[0] if args else None
-            if (isinstance(x, Tensor) and x.dim() == 3 and tuple(x.shape[:2]) == shape
-                    and transformer_lens_name(name + INPUT_SUFFIX)):
+            if (
+                isinstance(x, Tensor)
+                and x.dim() == 3
+                and tuple(x.shape[:2]) == shape
+                and transformer_lens_name(name + INPUT_SUFFIX)
+            ):
                 widths.setdefault(name + INPUT_SUFFIX, int(x.shape[-1]))
 
         return hook
@@ -331,7 +336,9 @@ class HookedModel:
 
             return hook
 
-        handles = [module.register_forward_hook(capture(name), with_kwargs=True) for name, module in self.modules.items()]
+        handles = [
+            module.register_forward_hook(capture(name), with_kwargs=True) for name, module in self.modules.items()
+        ]
         try:
             with torch.inference_mode():
                 self.loaded.model(**inputs)
@@ -372,7 +379,7 @@ class TokenRows:
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
 
-    def slice(self, start: int, stop: int | None = None) -> "TokenRows":
+    def slice(self, start: int, stop: int | None = None) -> TokenRows:
         return TokenRows(
             {k: v[start:stop] for k, v in self.activations.items()},
             self.token_ids[start:stop],
@@ -381,7 +388,7 @@ class TokenRows:
         )
 
     @staticmethod
-    def cat(parts: Sequence["TokenRows"]) -> "TokenRows":
+    def cat(parts: Sequence[TokenRows]) -> TokenRows:
         return TokenRows(
             {k: torch.cat([p.activations[k] for p in parts]) for k in parts[0].activations},
             torch.cat([p.token_ids for p in parts]),
@@ -659,9 +666,7 @@ class ModelActivationSource:
                 offset = 0
             epoch, window = epoch + 1, 0
 
-    def batches(
-        self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
         if not 0 <= rank < world_size:
             raise HsaeError(f"rank {rank} is not in 0..{world_size - 1}")
         if batch_size <= 0:

@@ -26,15 +26,15 @@ attributes of the forest. `SyntheticSource` streams batches of it for training, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hsae.config import to_dict
 from hsae.errors import HsaeError
-
 
 _FOREST_STREAM = 0x5EED
 
@@ -150,8 +150,11 @@ class SyntheticForest:
         roots = torch.tensor(self.levels[0])
         if cfg.exclusive_roots:
             # one draw per sample: root r when u falls in [r p_root, (r + 1) p_root), none past n_roots p_root
-            slot = (torch.rand(n, generator=generator) / cfg.p_root).floor().long() if cfg.p_root > 0 \
+            slot = (
+                (torch.rand(n, generator=generator) / cfg.p_root).floor().long()
+                if cfg.p_root > 0
                 else torch.full((n,), roots.numel())
+            )
             on = slot[:, None] == torch.arange(roots.numel())
         else:
             on = torch.rand(n, roots.numel(), generator=generator) < cfg.p_root
@@ -187,9 +190,7 @@ class SyntheticSource:
         self.forest = SyntheticForest(config)
         self.d_in = config.d_in
 
-    def batches(
-        self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
         step = start_step
         while True:
             yield self.forest.sample(batch_size, _generator(self.config.seed, step, rank)).x

@@ -25,11 +25,12 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from hsae.atomic import atomic_path, write_text
 from hsae.errors import HsaeError
@@ -53,7 +54,7 @@ class Corpus:
         """What to record with a store or run: {"kind": ..., "path"/"name": ..., ...}."""
         return dict(self._info)
 
-    def check_not_empty(self) -> "Corpus":
+    def check_not_empty(self) -> Corpus:
         """Raise HsaeError when the corpus has no document with text."""
         if next(iter(self), None) is None:
             raise HsaeError(f"corpus {self.name} is empty: it has no document with text")
@@ -206,9 +207,7 @@ _INSTALL_HINT = (
 
 def lexnames_text() -> str:
     """The content of WordNet's `lexnames` file (lexnames(5)), which Debian does not ship."""
-    return "".join(
-        f"{number:02d}\t{name}\t{_CATEGORY[name.split('.')[0]]}\n" for number, name in enumerate(_LEXNAMES)
-    )
+    return "".join(f"{number:02d}\t{name}\t{_CATEGORY[name.split('.')[0]]}\n" for number, name in enumerate(_LEXNAMES))
 
 
 def hsae_home() -> Path:
