@@ -39,9 +39,10 @@ FAMILY_OPTIONS = {
 
 
 def harvest(store: Path, tokens: int) -> None:
+    from hsae.sources.harvest import harvest_to_store
     from hsae.sources.hf import Harvester, load_model
     from hsae.sources.text import open_corpus
-    from hsae.store import harvest_to_store, read_manifest
+    from hsae.store import read_manifest
 
     manifest = read_manifest(store) if store.is_dir() else None
     if manifest and manifest.get("status") == "complete" and manifest.get("target_rows") == tokens:

@@ -45,8 +45,8 @@ def worker(mode: str, hook: str, docs: int, batch_tokens: int, device: str, repe
     import torch
     from transformers.utils import logging
 
+    from hsae.sources.harvest import harvest_to_store
     from hsae.sources.hf import Harvester, load_model
-    from hsae.store import harvest_to_store
 
     logging.disable_progress_bar()
     texts, _ = documents(docs)

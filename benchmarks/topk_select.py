@@ -1,9 +1,9 @@
 """Per-row top-k of a pre-activation chunk on the CPU: torch.topk, the two-stage torch ops and the
-compiled kernel (hsae.models.cpu_select), in one process on the same data.
+compiled kernel (hsae.models.sparse.cpu_select), in one process on the same data.
 
     python benchmarks/topk_select.py [--rows 512] [--latents 6144] [--k 32] [--threads T] [--repeats 30]
 
-The chunk is what the TopK training step selects from (`kernels.encode_topk_chunked`: 512 rows of
+The chunk is what the TopK training step selects from (`selection.encode_topk_chunked`: 512 rows of
 pre-activations at a time). Rows are Gaussian with a per-latent scale and offset, like a trained
 encoder's pre-activations. Each figure is the median of `--repeats` calls; ratios are against
 torch.topk in the same run. The results are checked equal (the same selected values per row).
@@ -19,8 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hsae.models import cpu_select
-from hsae.models.kernels import topk_select
+from hsae.models.sparse import cpu_select
+from hsae.models.sparse.selection import topk_select
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -22,6 +22,7 @@ cuda` runs it all on a GPU, timings synchronised with it and peak memory from CU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 import warnings
@@ -35,7 +36,8 @@ from hsae.eval.core import fvu
 from hsae.models import StepContext, get_family
 from hsae.models.base import init_b_dec_geometric_median, standard_input_scale
 from hsae.models.codes import fire_counts
-from hsae.models.topk import TopKSAE
+from hsae.models.sparse.selection import DEFAULT_CHUNK_ROWS
+from hsae.models.sparse.steps import FusedTopKStep
 from hsae.sources.synthetic import SyntheticConfig, SyntheticSource
 
 D_IN, N_LATENTS, K, BATCH = 384, 6144, 32, 4096
@@ -119,11 +121,14 @@ def hsae_runner(
     model.train()
     opt = _adam(model.parameters(), args.adam, args.lr)
     dead = DeadTracker(N_LATENTS, args.dead_window)
+    train_step = type(model).train_step  # what the trainer runs
+    if isinstance(train_step, FusedTopKStep):
+        train_step = dataclasses.replace(train_step, chunk_rows=args.chunk_rows)
 
     def step(x: torch.Tensor, i: int) -> None:
         ctx = StepContext(step=i, total_steps=args.total_steps, dead_mask=dead.mask())
         opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are not kept through it
-        out = model(x, ctx)
+        out = train_step(model, x, ctx)
         loss = out.loss
         out.x_hat = None  # as the trainer: the reconstruction is not held through the backward
         loss.backward()
@@ -269,7 +274,9 @@ def main() -> None:
         help="tokens without firing after which a latent is dead (AuxK on), as the trainer's "
         "dead_window_tokens; same for all",
     )
-    ap.add_argument("--chunk-rows", type=int, default=TopKSAE.train_chunk_rows, help="hsae TopK encode chunk")
+    ap.add_argument(
+        "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows of pre-activations per chunk (fused steps)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (profiled) peak-memory step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise with the GPU)")
@@ -286,7 +293,6 @@ def main() -> None:
         args.steps = min(args.steps, 8)
     if args.threads:
         torch.set_num_threads(args.threads)
-    TopKSAE.train_chunk_rows = args.chunk_rows
     warmup = 2
     args.total_steps = max(args.fvu_steps, warmup + args.steps + (0 if args.no_memory else 1))
     args.lr = TrainConfig().resolved_lr(N_LATENTS)  # hsae's default, the same for every family

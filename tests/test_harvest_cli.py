@@ -84,12 +84,12 @@ def test_hooks_lists_modules_and_widths(capsys):
 # A harvest in a child process that pauses after each shard, so the test can kill it mid-way.
 SLOW_HARVEST = """
 import sys, time
-import hsae.store
-real_write = hsae.store.write_safetensors
+import hsae.sources.harvest
+real_write = hsae.sources.harvest.write_safetensors
 def slow_write(*args, **kwargs):
     real_write(*args, **kwargs)
     time.sleep(0.4)
-hsae.store.write_safetensors = slow_write
+hsae.sources.harvest.write_safetensors = slow_write
 from hsae.cli import main
 sys.exit(main(sys.argv[1:]))
 """

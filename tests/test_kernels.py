@@ -1,26 +1,28 @@
-"""The sparse kernels (hsae.models.kernels) against the dense computation: values and gradients of the
-decoder, the encoder's sparse backward, the selections, and whole TopK / BatchTopK training steps
-(with and without AuxK) against a plain dense PyTorch reference."""
+"""The sparse training path (hsae.models.sparse) against the dense computation: values and gradients
+of the decoder, the selections, and whole fused TopK / BatchTopK training steps (with and without
+AuxK) against a plain dense PyTorch reference and against each family's own `forward`."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
 import torch
 
-from hsae.models import StepContext, cpu_select, get_family
+from hsae.models import StepContext, families, get_family
 from hsae.models.base import SAE
 from hsae.models.codes import SparseCodes
-from hsae.models.kernels import (
+from hsae.models.sparse import cpu_select
+from hsae.models.sparse.ops import sparse_decode
+from hsae.models.sparse.selection import (
     batch_topk_select,
     encode_topk_chunked,
     masked_topk_select,
-    sparse_decode,
-    sparse_encoder_values,
     topk_select,
 )
+from hsae.models.sparse.steps import FusedTopKStep
 
 DTYPE = torch.float64
 
@@ -71,48 +73,6 @@ def test_sparse_decode_one_sided_gradients():
     (gv,) = torch.autograd.grad(sparse_decode(idx, vals, Wc).square().sum(), vals)
     (rv,) = torch.autograd.grad((torch.zeros(9, 20, dtype=DTYPE).scatter_add(1, idx, vals) @ Wc).square().sum(), vals)
     _close(gv, rv)
-
-
-# ----- encoder ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ragged", [False, True])
-def test_sparse_encoder_gradients_equal_dense(ragged):
-    torch.manual_seed(2)
-    n, m, d, k = 31, 40, 10, 6
-    xn = torch.randn(n, d, dtype=DTYPE, requires_grad=True)
-    W = torch.randn(d, m, dtype=DTYPE, requires_grad=True)
-    be = (torch.randn(m, dtype=DTYPE) - 4.5).requires_grad_(True)
-    bd = torch.randn(d, dtype=DTYPE, requires_grad=True)
-    params = (xn, W, be, bd)
-    pre = (xn - bd) @ W + be
-    if ragged:
-        vals, idx, off = batch_topk_select(pre.detach(), k)
-        rows = torch.arange(n).repeat_interleave(off.diff())
-        ref_vals = pre[rows, idx].relu()
-    else:
-        vals, idx = topk_select(pre.detach(), k)
-        off = None
-        ref_vals = pre.gather(1, idx).relu()
-    # Some selected values are <= 0 (ReLU'd to 0): their gradient must not pass.
-    assert ragged or (vals == 0).any()
-    got = sparse_encoder_values(vals, xn, W, be, bd, idx, off)
-    _close(got, ref_vals)
-    weight = torch.randn_like(got)
-    g_sparse = torch.autograd.grad((got * weight).sum() + got.square().sum(), params)
-    g_dense = torch.autograd.grad((ref_vals * weight).sum() + ref_vals.square().sum(), params)
-    for a, b in zip(g_sparse, g_dense, strict=False):
-        _close(a, b)
-
-
-def test_sparse_encoder_skips_data_gradient():
-    torch.manual_seed(3)
-    xn = torch.randn(8, 4)
-    W = torch.randn(4, 12, requires_grad=True)
-    be = torch.zeros(12, requires_grad=True)
-    bd = torch.zeros(4, requires_grad=True)
-    vals, idx = topk_select(((xn - bd) @ W + be).detach(), 3)
-    out = sparse_encoder_values(vals, xn, W, be, bd, idx)
-    out.sum().backward()
-    assert xn.grad is None and W.grad.shape == W.shape and be.grad.shape == be.shape
 
 
 # ----- selection -------------------------------------------------------------------------------------
@@ -198,12 +158,19 @@ GRAD_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 @pytest.fixture(params=["dense-auxk", "sparse-auxk"])
-def aux_form(request, monkeypatch):
-    """Both AuxK forms of the sparse path: dense blocks over the dead columns, and sparse entries."""
-    from hsae.models.topk import TopKSAE
-
-    monkeypatch.setattr(TopKSAE, "dense_auxk", request.param == "dense-auxk")
+def aux_form(request):
+    """Both AuxK forms of the fused step: dense blocks over the dead columns, and sparse entries
+    (a step that never takes the dense block)."""
     return request.param
+
+
+def _step(model: SAE, aux_form: str = "dense-auxk", **options) -> FusedTopKStep:
+    """The model's declared fused step, with the AuxK form of `aux_form` and other options."""
+    step = type(model).train_step
+    assert isinstance(step, FusedTopKStep)
+    if aux_form == "sparse-auxk":
+        options["dense_auxk_max_elements"] = 0
+    return dataclasses.replace(step, **options)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
@@ -218,8 +185,7 @@ def test_training_step_equals_dense_reference(arch, with_aux, aux_form):
         dead = torch.zeros(64, dtype=torch.bool)
         dead[::3] = True
     ctx = StepContext(step=0, total_steps=10, dead_mask=dead)
-    assert model._sparse_path_ok()
-    out = model(x, ctx)
+    out = _step(model, aux_form)(model, x, ctx)
     assert isinstance(out.codes, SparseCodes) and out.codes.is_ragged == (arch == "batchtopk")
     assert set(out.losses) == ({"mse", "auxk"} if with_aux else {"mse"})
     ref_losses, ref_dense = _dense_reference(ref_model, x, ctx, batch=arch == "batchtopk")
@@ -233,10 +199,46 @@ def test_training_step_equals_dense_reference(arch, with_aux, aux_form):
         _close(getattr(model, name).grad, getattr(ref_model, name).grad)
 
 
+FUSED_FAMILIES = [name for name, fam in families().items() if isinstance(fam.train_step, FusedTopKStep)]
+
+
+def test_the_fused_families_are_the_topk_style_ones():
+    assert FUSED_FAMILIES == ["batchtopk", "matryoshka", "topk"]
+    assert not isinstance(get_family("tree").train_step, FusedTopKStep)  # its gate is not TopK's
+
+
+@pytest.mark.parametrize("arch", FUSED_FAMILIES)
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_every_declared_fused_step_equals_the_familys_own_forward(arch, with_aux, aux_form):
+    """Whatever a family declares as its fused step must compute what its own `forward` does
+    (losses, codes, reconstruction and all gradients): a subclass that changes `activate` or the
+    losses but inherits a fused step fails here."""
+    model = _model(arch)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(30)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = with_aux
+    ctx = StepContext(step=0, total_steps=10, dead_mask=dead)
+    torch.manual_seed(31)  # the same draws (sampled groups) on both
+    out = _step(model, aux_form)(model, x, ctx)
+    torch.manual_seed(31)
+    ref_out = ref(x, ctx)
+    assert set(out.losses) == set(ref_out.losses)
+    for name in ref_out.losses:
+        _close(out.losses[name], ref_out.losses[name])
+    _close(out.x_hat, ref_out.x_hat)
+    _close(out.codes.dense().detach(), ref_out.codes.dense().detach())
+    out.loss.backward()
+    ref_out.loss.backward()
+    for name in GRAD_NAMES:
+        _close(getattr(model, name).grad, getattr(ref, name).grad)
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_and_dense_paths_train_to_the_same_weights(arch, aux_form):
-    """A few Adam steps of the real loop pieces: the sparse path and the base class's dense
-    formulation end with the same weights (up to float rounding) and the same threshold."""
+    """A few Adam steps of the real loop pieces: the fused step and the family's dense `forward` end
+    with the same weights (up to float rounding) and the same threshold."""
     model = _model(arch, aux_k=6).float()
     ref = copy.deepcopy(model)
     opts = [torch.optim.Adam(mdl.parameters(), lr=1e-2) for mdl in (model, ref)]
@@ -247,7 +249,7 @@ def test_sparse_and_dense_paths_train_to_the_same_weights(arch, aux_form):
         x = torch.randn(32, 16)
         ctx = StepContext(step=step, total_steps=6, dead_mask=dead if step % 2 else None)
         for mdl, opt, dense in ((model, opts[0], False), (ref, opts[1], True)):
-            out = SAE.forward(mdl, x, ctx) if dense else mdl(x, ctx)
+            out = mdl(x, ctx) if dense else _step(mdl, aux_form)(mdl, x, ctx)
             opt.zero_grad()
             out.loss.backward()
             mdl.remove_parallel_decoder_grad()
@@ -259,14 +261,18 @@ def test_sparse_and_dense_paths_train_to_the_same_weights(arch, aux_form):
         _close(model.threshold, ref.threshold, rtol=1e-4, atol=1e-6)
 
 
-def test_eval_and_no_grad_use_the_dense_formulation():
+def test_training_forward_runs_the_declared_step_and_forward_stays_dense():
+    """`training_forward` is the family's declared step; `forward` (what eval runs) is the dense
+    formulation whatever the mode, and both give the same reconstruction."""
     model = _model("topk")
     x = torch.randn(10, 16, dtype=torch.float64)
+    ctx = StepContext(step=0, total_steps=10)
+    fused = model.training_forward(x, ctx)
     with torch.no_grad():
-        assert not model._sparse_path_ok()
         a = model(x)
     b = model.eval()(x)
     _close(a.x_hat, b.x_hat)
+    _close(fused.x_hat.detach(), b.x_hat)
 
 
 def test_bf16_compute_dtype_matches_between_paths_and_costs_little():
@@ -277,8 +283,8 @@ def test_bf16_compute_dtype_matches_between_paths_and_costs_little():
     m16 = copy.deepcopy(m32)
     m16.config.compute_dtype = "bfloat16"
     x = torch.randn(64, 16)
-    out16 = m16(x)
-    _close(out16.loss, SAE.forward(copy.deepcopy(m16), x).loss, rtol=1e-5, atol=1e-6)
+    out16 = m16.training_forward(x, StepContext(step=0, total_steps=1))
+    _close(out16.loss, copy.deepcopy(m16)(x).loss, rtol=1e-5, atol=1e-6)
     out16.loss.backward()
     ref = copy.deepcopy(m32)
     xc = x * ref.config.input_scale - ref.b_dec
@@ -292,7 +298,7 @@ def test_bf16_compute_dtype_matches_between_paths_and_costs_little():
     loss.backward()
     for name in GRAD_NAMES:
         _close(getattr(m16, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-5)
-    out32 = m32(x)
+    out32 = m32.training_forward(x, StepContext(step=0, total_steps=1))
     # bf16 rounding of the matmul inputs moves the loss a little, not a lot.
     mse16, mse32 = out16.losses["mse"].item(), out32.losses["mse"].item()
     assert abs(mse16 - mse32) < 0.05 * mse32
@@ -383,7 +389,7 @@ def test_compiled_topk_select_writes_into_slices_and_keeps_torch_threads():
 @pytest.mark.parametrize("m", [512, 96, 100])
 def test_compiled_entries_at_least_equal_torch_ops(m, dtype, monkeypatch):
     """BatchTopK's candidate filter: the compiled kernel keeps exactly the entries the torch ops keep."""
-    from hsae.models.kernels import _entries_at_least
+    from hsae.models.sparse.selection import _entries_at_least
 
     pre = torch.cat([_hard_rows(m), torch.randn(30, m)]).to(dtype)
     pre[3, 5] = float("nan")
@@ -401,7 +407,7 @@ def test_compiled_entries_at_least_equal_torch_ops(m, dtype, monkeypatch):
 
 @pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
 def test_a_kernel_that_fails_to_compile_falls_back_to_torch_ops_with_a_warning(monkeypatch):
-    from hsae.models.kernels import _entries_at_least
+    from hsae.models.sparse.selection import _entries_at_least
 
     def broken(*args):
         raise cpu_select.CompileError("no LLVM target here")
@@ -486,7 +492,7 @@ def test_batch_topk_select_in_chunks_equals_flat_topk(shape, k, chunk):
 
 @pytest.mark.parametrize("chunk", [3, 16, 200])
 def test_batch_topk_collector_hints_and_edge_cases(chunk):
-    from hsae.models.kernels import BatchTopKCollector
+    from hsae.models.sparse.selection import BatchTopKCollector
 
     torch.manual_seed(13)
     n, m, k = 60, 80, 5
@@ -519,7 +525,7 @@ def test_batch_topk_collector_hints_and_edge_cases(chunk):
 
 @pytest.mark.parametrize("hint_scale", [None, 0.5, 5.0])
 def test_encode_batch_topk_chunked_equals_dense_selection(hint_scale):
-    from hsae.models.kernels import encode_batch_topk_chunked
+    from hsae.models.sparse.selection import encode_batch_topk_chunked
 
     torch.manual_seed(14)
     n, d, m, k = 70, 8, 48, 3
@@ -554,15 +560,16 @@ def test_training_step_in_small_chunks_equals_dense_reference(arch, chunk, aux_f
     """Several row chunks (BatchTopK's candidates cross chunk boundaries), AuxK on, a second step
     that uses the first one's hint."""
     model = _model(arch)
-    model.train_chunk_rows = chunk
+    step = _step(model, aux_form, chunk_rows=chunk)
     ref_model = copy.deepcopy(model)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[1::4] = True
+    fused = step
     for step in range(2):
         torch.manual_seed(20 + step)
         x = torch.randn(40, 16, dtype=torch.float64)
         ctx = StepContext(step=step, total_steps=10, dead_mask=dead)
-        out = model(x, ctx)
+        out = fused(model, x, ctx)
         ref_losses, ref_dense = _dense_reference(ref_model, x, ctx, batch=arch == "batchtopk")
         for name in ref_losses:
             _close(out.losses[name], ref_losses[name])
@@ -586,9 +593,9 @@ def test_sparse_step_gradient_through_x_hat_and_single_backward():
     torch.manual_seed(15)
     x = torch.randn(30, 16, dtype=torch.float64)
     w = torch.randn(30, 16, dtype=torch.float64)
-    out = model(x)
+    out = model.training_forward(x, StepContext(step=0, total_steps=1))
     loss = out.loss + (out.x_hat * w).sum()
-    ref_out = SAE.forward(ref, x)
+    ref_out = ref(x)
     ref_loss = ref_out.loss + (ref_out.x_hat * w).sum()
     loss.backward(retain_graph=True)
     ref_loss.backward()
@@ -599,7 +606,7 @@ def test_sparse_step_gradient_through_x_hat_and_single_backward():
 
 
 def test_remove_parallel_component_matches_base():
-    from hsae.models.kernels import remove_parallel_component_
+    from hsae.models.sparse.ops import remove_parallel_component_
 
     torch.manual_seed(16)
     w = torch.randn(1100, 7, dtype=DTYPE)
@@ -613,7 +620,7 @@ def test_remove_parallel_component_matches_base():
 def test_grad_w_enc_segment_sum_gpu_form_equals_cpu_blocks():
     """The GPU takes grad W_enc as one segment sum then a transpose; the CPU block by block. Both
     are checked here on the CPU (no GPU in CI)."""
-    from hsae.models.kernels import _group_by_latent, _segment_sum_transposed, _segment_sum_transposed_whole
+    from hsae.models.sparse.ops import _segment_sum_transposed_whole, group_by_latent, segment_sum_transposed
 
     g = torch.Generator().manual_seed(3)
     n, d, m, nnz = 60, 9, 700, 900  # m not a multiple of the block: a partial last block
@@ -623,8 +630,8 @@ def test_grad_w_enc_segment_sum_gpu_form_equals_cpu_blocks():
     w = torch.randn(nnz, generator=g, dtype=DTYPE)
     table = torch.randn(n, d, generator=g, dtype=DTYPE)
     b_dec, colsum = torch.randn(d, generator=g, dtype=DTYPE), torch.randn(m, generator=g, dtype=DTYPE)
-    order, ptr = _group_by_latent(cols, m)
-    blocks = _segment_sum_transposed(rows[order], w[order], table, ptr, 1.3, b_dec, colsum)
+    order, ptr = group_by_latent(cols, m)
+    blocks = segment_sum_transposed(rows[order], w[order], table, ptr, 1.3, b_dec, colsum)
     whole = _segment_sum_transposed_whole(rows[order], w[order], table, ptr, 1.3, b_dec, colsum)
     dense = torch.zeros(m, d, dtype=DTYPE).index_add_(0, cols, w[:, None] * table[rows])
     _close(blocks, whole)

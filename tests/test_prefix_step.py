@@ -1,6 +1,8 @@
-"""The fused sparse Matryoshka step (hsae.models.prefix_step) against the dense formulation: every
+"""The fused sparse Matryoshka step (hsae.models.sparse.prefix_step) against the dense formulation: every
 loss, the reconstruction and all four parameter gradients, with fixed, sampled and single groups,
 prefixes without entries of their own, AuxK on and off, and a gradient through x_hat."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -18,16 +20,19 @@ def _fresh(n, k, **opts):
     return fam(cfg)
 
 
-def _sparse_and_dense(m, x, dead, loss_of, seed=None):
+def _sparse_and_dense(m, x, dead, loss_of, seed=None, dense_auxk=True):
     """[(output, gradients by parameter name; None where a parameter got none)] of one step of `m`
-    on the sparse path, then on the dense one, backpropagating loss_of(output)."""
+    on the fused sparse step, then on the dense `forward`, backpropagating loss_of(output)."""
+    step = type(m).train_step
+    if not dense_auxk:  # AuxK as sparse entries, never a dense block
+        step = dataclasses.replace(step, dense_auxk_max_elements=0)
     results = []
-    for sparse in (True, False):
-        m.sparse_training = sparse
+    for run in (step, m):
         m.zero_grad()
         if seed is not None:
             torch.manual_seed(seed)
-        out = m(x, StepContext(step=0, total_steps=10, dead_mask=dead))
+        ctx = StepContext(step=0, total_steps=10, dead_mask=dead)
+        out = step(m, x, ctx) if run is step else m(x, ctx)
         loss_of(out).backward()
         results.append((out, {n: (p.grad.clone() if p.grad is not None else None) for n, p in m.named_parameters()}))
     return results
@@ -38,13 +43,10 @@ def _sparse_and_dense(m, x, dead, loss_of, seed=None):
 @pytest.mark.parametrize("add_rows", [512, 7])
 @pytest.mark.parametrize("dense_auxk", [True, False])
 def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_rows, dense_auxk, monkeypatch):
-    import hsae.models.prefix_step as prefix_step
-    from hsae.models.topk import TopKSAE
+    import hsae.models.sparse.prefix_step as prefix_step
 
-    monkeypatch.setattr(TopKSAE, "dense_auxk", dense_auxk)  # AuxK as dense blocks, or sparse entries
-
-    monkeypatch.setattr(prefix_step, "_ADD_ROWS", add_rows)  # 7: row blocks, the last one partial
-    monkeypatch.setattr(prefix_step, "_WDEC_BLOCK", 5 if add_rows == 7 else 512)  # latent blocks too
+    monkeypatch.setattr(prefix_step, "ADD_ROWS", add_rows)  # 7: row blocks, the last one partial
+    monkeypatch.setattr(prefix_step, "WDEC_BLOCK", 5 if add_rows == 7 else 512)  # latent blocks too
     opts = {
         "fixed": dict(group_fractions=[0.25, 0.25, 0.5]),
         "sampled": dict(sampled_groups=True, n_sampled_prefixes=6),
@@ -60,7 +62,9 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = with_dead
     # the same seed on both paths: the same sampled cut points
-    (sp, g_sp), (de, g_de) = _sparse_and_dense(m, x, dead, lambda out: out.loss + (out.x_hat * probe).sum(), seed=5)
+    (sp, g_sp), (de, g_de) = _sparse_and_dense(
+        m, x, dead, lambda out: out.loss + (out.x_hat * probe).sum(), seed=5, dense_auxk=dense_auxk
+    )
     expect = {"mse"} | ({"prefix_mse"} if groups != "one" else set()) | ({"auxk"} if with_dead else set())
     assert set(sp.losses) == set(de.losses) == expect
     for key in sp.losses:

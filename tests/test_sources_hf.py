@@ -75,7 +75,7 @@ def test_unknown_hook_lists_the_closest_names(minilm):
 
 
 def test_input_hook_reads_the_heads_before_the_output_projection(minilm, tmp_path):
-    from hsae.store import harvest_to_store
+    from hsae.sources.harvest import harvest_to_store
 
     proj = "encoder.layer.2.attention.output.dense"
     sites = {site.name: site for site in hook_sites(minilm)}

@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import hsae.sources.harvest as harvest_module
 import hsae.store as store_module
 from hsae.errors import HsaeError
 from hsae.sources.base import ActivationSource
+from hsae.sources.harvest import harvest_to_store
 from hsae.sources.hf import DEFAULT_HOOK, Harvester, load_model
-from hsae.store import ActivationStore, harvest_to_store
+from hsae.store import ActivationStore
 
 # ~40 short documents, ~450 tokens without special tokens.
 TOPICS = ("dogs", "trees", "music", "rivers", "stone")
@@ -93,7 +95,7 @@ class Crash(Exception):
 def test_crash_at_a_shard_write_then_resume_gives_the_same_store(
     minilm, reference, tmp_path, monkeypatch, crash_at_write
 ):
-    real_write = store_module.write_safetensors
+    real_write = harvest_module.write_safetensors
     writes = []
 
     def failing_write(path, tensors, metadata=None):
@@ -102,12 +104,12 @@ def test_crash_at_a_shard_write_then_resume_gives_the_same_store(
             raise Crash  # as if killed while writing this shard
         real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(store_module, "write_safetensors", failing_write)
+    monkeypatch.setattr(harvest_module, "write_safetensors", failing_write)
     with pytest.raises(Crash):
         harvest(minilm, tmp_path / "s")
     with pytest.raises(HsaeError, match="incomplete"):
         ActivationStore.open(tmp_path / "s")
-    monkeypatch.setattr(store_module, "write_safetensors", real_write)
+    monkeypatch.setattr(harvest_module, "write_safetensors", real_write)
     harvest(minilm, tmp_path / "s")
     resumed = json.loads((tmp_path / "s/manifest.json").read_text())
     assert resumed["shards"] == ActivationStore.open(reference).manifest["shards"]  # same bytes

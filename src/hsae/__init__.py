@@ -7,8 +7,7 @@ x_hat = sae.decode(codes)
 parents = sae.hierarchy()      # LongTensor (n_latents,), -1 = root
 """
 
-__version__ = "0.1.0"
-
-from hsae.models import families, get_family, load  # noqa: E402
+from hsae.models import families, get_family, load
+from hsae.version import __version__
 
 __all__ = ["__version__", "load", "families", "get_family"]

@@ -26,15 +26,15 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from hsae import __version__
 from hsae.atomic import write_safetensors, write_text
 from hsae.config import SAEConfig, TrainConfig, from_dict, to_dict
 from hsae.errors import HsaeError
 from hsae.eval.core import fvu
-from hsae.models import SAE, StepContext, get_family
+from hsae.models import SAE, SAEOutput, StepContext, get_family
 from hsae.models.base import CONFIG_FILE, init_b_dec_geometric_median, standard_input_scale
 from hsae.models.codes import fire_counts, l0_per_row
 from hsae.sources.base import ActivationSource
+from hsae.version import __version__
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -89,7 +89,8 @@ class _Distributed:
             dist.barrier()
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse an --out that is a file, or (unless resuming) holds a model or anything else."""
     if out.exists() and not out.is_dir():
         raise HsaeError(f"--out {out} is a file; give a folder")
     if not resume and (out / CONFIG_FILE).exists():
@@ -115,15 +116,14 @@ def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: 
             f"the data has width {source.d_in} but the checkpoint being resumed was trained on width "
             f"{saved_sae.get('d_in')}; resume with the same --data"
         )
-    saved_data, data = saved.get("data") or {}, source.describe()
-    if data.get("kind") == "store" and saved_data.get("kind") == "store":
-        # The norm limit decides which rows the stream holds, hence where the resumed run starts.
-        before, now = saved_data.get("max_norm_ratio"), data.get("max_norm_ratio")
-        if before != now:
+    # The source's description names everything that decides its batches (files, settings such as a
+    # store's norm limit, seeds): any difference would change where the resumed run continues.
+    saved_data, data = saved.get("data") or {}, json.loads(json.dumps(source.describe()))
+    for key in sorted(set(saved_data) | set(data)):
+        if saved_data.get(key) != data.get(key):
             raise HsaeError(
-                f"--resume: the run being resumed read the store with max_norm_ratio {before} "
-                f"({'no limit' if before is None else 'rows above that multiple of the median left out'}), "
-                f"this one with {now}; resume with --max-norm-ratio {before or 0}"
+                f"--resume: the run being resumed read its data with {key} {saved_data.get(key)!r}, this one with "
+                f"{key} {data.get(key)!r}; resume with the same --data and data options (or train into a new --out)"
             )
     new = to_dict(sae_cfg)
     for key, value in new.items():
@@ -134,6 +134,18 @@ def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: 
                 f"--resume: {key} is {value!r} now but {saved_sae.get(key)!r} in the run being resumed; "
                 "resume with the same options (or train into a new --out)"
             )
+
+
+class _TrainingForward(torch.nn.Module):
+    """The family's training step as a module's forward, so that DistributedDataParallel (which
+    synchronises gradients of what its wrapped module's forward computed) can wrap it."""
+
+    def __init__(self, model: SAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> SAEOutput:
+        return self.model.training_forward(x, ctx)
 
 
 class Trainer:
@@ -212,6 +224,7 @@ class Trainer:
                     tensors[f"optim.{names[id(p)]}.{key}"] = (
                         torch.as_tensor(value).reshape(-1) if key == "step" else value
                     )
+        tensors.update({f"family.{k}": v for k, v in model.training_state().items()})
         tensors["trainer.since_fired"] = since_fired
         tensors["trainer.rng"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -223,6 +236,7 @@ class Trainer:
 
     def _restore(self, model: SAE, opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_training_state({k[7:]: v for k, v in tensors.items() if k.startswith("family.")})
         params = dict(model.named_parameters())
         # Fused Adam keeps its step counter on the parameters' device; the default one on the CPU.
         step_device = self.device if opt.param_groups[0].get("fused") else torch.device("cpu")
@@ -269,10 +283,10 @@ class Trainer:
             since_fired = torch.zeros(model.n_latents, dtype=torch.long, device=self.device)
             start = 0
         model.train()
-        wrapped: torch.nn.Module = model
+        wrapped: torch.nn.Module = _TrainingForward(model)
         if self.dist.active:
             wrapped = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         base_lr = cfg.resolved_lr(model.n_latents)
         if start >= cfg.steps:
@@ -417,7 +431,7 @@ def train(
 ) -> SAE:
     """Train an SAE and save it in `out` (see the module docstring)."""
     if not resume:
-        _check_out_dir(Path(out), resume)
+        check_out_dir(Path(out), resume)
     return Trainer(sae_config, train_config, source, out, resume=resume, show_progress=show_progress).run()
 
 

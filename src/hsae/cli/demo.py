@@ -29,9 +29,10 @@ def demo(
     from hsae.cli._common import harvest_bar, quiet_transformers
     from hsae.config import TrainConfig, from_dict
     from hsae.models import get_family
+    from hsae.sources.harvest import harvest_to_store
     from hsae.sources.hf import DEFAULT_HOOK, Harvester, load_model
     from hsae.sources.text import open_corpus
-    from hsae.store import ActivationStore, harvest_to_store
+    from hsae.store import ActivationStore
     from hsae.train import Trainer
 
     quiet_transformers()

@@ -39,9 +39,10 @@ def harvest(
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
 ) -> None:
     """Harvest a model's activations on a corpus into a sharded store (resumes an interrupted one)."""
+    from hsae.sources.harvest import check_store_folder, harvest_to_store
     from hsae.sources.hf import Harvester, load_model
     from hsae.sources.text import open_corpus
-    from hsae.store import check_store_folder, harvest_to_store, parse_dtype
+    from hsae.store import parse_dtype
 
     parse_dtype(dtype)
     check_store_folder(out)  # refuse a folder holding something else before loading anything

@@ -77,7 +77,7 @@ def train(
     """Train an SAE; writes OUT/config.json and OUT/weights.safetensors (and checkpoints)."""
     from hsae.models import get_family
     from hsae.sources import open_source
-    from hsae.train import Trainer, _check_out_dir
+    from hsae.train import Trainer, check_out_dir
 
     family = get_family(arch)
     sae_opts, train_opts = _split_options(family, parse_overrides(option))
@@ -97,7 +97,7 @@ def train(
         what="training",
     )
     if not resume and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 owns the folder
-        _check_out_dir(out, resume=False)
+        check_out_dir(out, resume=False)
     if data is not None and (model or hook or corpus):
         raise HsaeError("give either --data, or --model/--hook/--corpus to harvest on the fly, not both")
     if data is None and corpus is None:

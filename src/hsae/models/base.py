@@ -1,12 +1,19 @@
-"""The SAE interface every family implements (DESIGN.md, "The SAE interface").
+"""The SAE interface every family implements (docs/architecture.md, "Adding a family").
 
-A family subclasses `SAE`, declares its typed config class, and overrides `activate` (pre-activations
-to codes) and, where it has them, `extra_losses` and `after_step`. Encoding, decoding, input scaling,
-the decoder-norm rule, `hierarchy()` and save/load are shared.
+A family subclasses `SAE[ItsConfig]`, declares its typed config class, and overrides `activate`
+(pre-activations to codes) and, where it has them, `extra_losses`, `forward` and `after_step`.
+Encoding, decoding, input scaling, the decoder-norm rule, `hierarchy()` and save/load are shared.
+
+Training and inference are separate: `forward` is the family's reference formulation (what eval
+runs, and what the generic `AutogradStep` differentiates), while the class attribute `train_step`
+says how a training step is computed. A family keeps the generic step or declares a fused one, e.g.
+`train_step = FusedTopKStep(selection=PerTokenTopK())` (hsae.models.sparse.steps); tests check
+every fused step against the family's own `forward`.
 
 Conventions:
 - `W_enc` is (d_in, n_latents), `W_dec` is (n_latents, d_in) with unit-norm rows unless the family
-  sets `unit_norm_decoder = False`.
+  sets `unit_norm_decoder = False`. Families with another parametrisation override `create_weights`
+  and expose both as read-only properties.
 - Raw activations are multiplied by `config.input_scale` on the way in and divided by it on the way
   out, so a model (and every checkpoint) works on raw activations as they come from the network.
 - Loss terms are in normalised units: "mse" is the squared error summed over dimensions, averaged
@@ -19,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -29,10 +36,14 @@ from hsae.atomic import write_json, write_safetensors
 from hsae.config import SAEConfig, from_dict, to_dict
 from hsae.errors import HsaeError
 from hsae.models.codes import Codes, SparseCodes
-from hsae.models.kernels import sparse_decode
+from hsae.models.registry import get_family
+from hsae.models.sparse.ops import sparse_decode
+from hsae.version import __version__
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+
+C = TypeVar("C", bound=SAEConfig)
 
 
 @dataclass
@@ -51,16 +62,34 @@ class StepContext:
 
 @dataclass
 class SAEOutput:
-    x_hat: Tensor  # in raw units, like the input
+    x_hat: Tensor | None  # in raw units, like the input (the trainer drops it before the backward)
     codes: Codes
     losses: dict[str, Tensor] = field(default_factory=dict)  # normalised units, already weighted
 
     @property
     def loss(self) -> Tensor:
-        return sum(self.losses.values())  # type: ignore[return-value]
+        terms = iter(self.losses.values())
+        total = next(terms)
+        for term in terms:
+            total = total + term
+        return total
 
 
-class SAE(nn.Module):
+class TrainStep(Protocol):
+    """How a family computes one training step's output (losses to backpropagate, codes, x_hat)."""
+
+    def __call__(self, model: Any, x: Tensor, ctx: StepContext) -> SAEOutput: ...
+
+
+@dataclass(frozen=True)
+class AutogradStep:
+    """The generic training step: the family's own `forward`, differentiated by autograd."""
+
+    def __call__(self, model: Any, x: Tensor, ctx: StepContext) -> SAEOutput:
+        return model(x, ctx)
+
+
+class SAE(nn.Module, Generic[C]):
     """Base class of every family. See the module docstring for the conventions."""
 
     arch: ClassVar[str] = ""
@@ -71,18 +100,29 @@ class SAE(nn.Module):
     # Whether the family learns its forest (hierarchy() reports it); otherwise one is extracted post
     # hoc (hsae.interpret.forest) and stored in the `parents` buffer.
     builtin_hierarchy: ClassVar[bool] = False
+    train_step: ClassVar[TrainStep] = AutogradStep()
 
-    def __init__(self, config: SAEConfig):
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    parents: Tensor
+
+    def __init__(self, config: C):
         super().__init__()
-        self.config = config
-        d, m = config.d_in, config.n_latents
+        self.config: C = config
+        # A forest found post hoc (interpret/) for families without one built in; -1 = root.
+        self.register_buffer("parents", torch.full((config.n_latents,), -1, dtype=torch.long))
+        self.create_weights()
+        self.reset_parameters()
+
+    def create_weights(self) -> None:
+        """The encoder/decoder pair W_enc, b_enc, W_dec, b_dec (values are set by reset_parameters)."""
+        d, m = self.config.d_in, self.config.n_latents
         self.W_enc = nn.Parameter(torch.empty(d, m))
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.W_dec = nn.Parameter(torch.empty(m, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        # A forest found post hoc (interpret/) for families without one built in; -1 = root.
-        self.register_buffer("parents", torch.full((m,), -1, dtype=torch.long))
-        self.reset_parameters()
 
     # ----- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -142,6 +182,7 @@ class SAE(nn.Module):
         return self.decode_normalized(codes) / self.config.input_scale
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
+        """The reference formulation: encode, decode and every loss term, all through autograd."""
         xn = self.scale_in(x)
         pre = self.pre_activations(xn)
         codes = self.activate(pre)
@@ -156,8 +197,22 @@ class SAE(nn.Module):
         """Family loss terms besides the reconstruction (weighted)."""
         return {}
 
+    def training_forward(self, x: Tensor, ctx: StepContext) -> SAEOutput:
+        """One training step's output, computed by the family's declared `train_step`."""
+        return type(self).train_step(self, x, ctx)
+
     def after_step(self, out: SAEOutput, ctx: StepContext) -> None:
         """Called after each optimiser step (thresholds, coefficient controllers, ...)."""
+
+    def training_state(self) -> dict[str, Tensor]:
+        """State that shapes later steps but is neither a parameter nor a buffer (e.g. counts a
+        family accumulates between events); the trainer checkpoints it, so resumed runs are exact."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what `training_state` returned."""
+        if state:
+            raise HsaeError(f"the {self.arch} family keeps no training state, but the checkpoint has {sorted(state)}")
 
     def hierarchy(self) -> Tensor:
         """Parent of each latent (-1 = root), LongTensor (n_latents,)."""
@@ -191,8 +246,6 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_safetensors(directory / WEIGHTS_FILE, dict(self.state_dict()), metadata={"arch": self.arch})
-        from hsae import __version__
-
         payload = {"hsae_version": __version__, "sae": to_dict(self.config)}
         payload.update(record or {})
         payload["sae"] = to_dict(self.config)
@@ -215,8 +268,6 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load a model saved by `SAE.save` (or any hsae checkpoint folder)."""
-    from hsae.models import get_family
-
     directory = Path(directory)
     record = read_config(directory)
     if "sae" not in record or "arch" not in record["sae"]:

@@ -42,11 +42,11 @@ from torch import Tensor, nn
 
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
-from hsae.models import register
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes
-from hsae.models.jumprelu import _JumpReLU, _Step
+from hsae.models.jump import heaviside_step, jumprelu
 from hsae.models.partition import bounds_from_fractions, group_of_latents
+from hsae.models.registry import register
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ForestConfig(SAEConfig):
 
 
 @register("forest")
-class ForestSAE(SAE):
+class ForestSAE(SAE[ForestConfig]):
     config_class = ForestConfig
     builtin_hierarchy = True
 
@@ -119,7 +119,7 @@ class ForestSAE(SAE):
         """Dense (n, n_latents) activations of every level, unscaled."""
         cfg = self.config
         if cfg.activation == "jumprelu":
-            return _JumpReLU.apply(pre, self.log_threshold.exp(), cfg.bandwidth)
+            return jumprelu(pre, self.log_threshold.exp(), cfg.bandwidth)
         b = cfg.level_bounds()
         out = torch.zeros_like(pre)
         for lo, hi in zip(b[:-1], b[1:], strict=False):
@@ -152,7 +152,7 @@ class ForestSAE(SAE):
             level_losses.append((xl - xn).pow(2).sum(-1).mean())
         losses = {"mse": level_losses[-1], "level_mse": torch.stack(level_losses[:-1]).sum()}
         if cfg.activation == "jumprelu":
-            active = _Step.apply(pre, self.log_threshold.exp(), cfg.bandwidth)  # (n, m)
+            active = heaviside_step(pre, self.log_threshold.exp(), cfg.bandwidth)  # (n, m)
             per_level = (
                 torch.zeros(L, device=pre.device, dtype=pre.dtype).index_add(0, self.level, active.sum(0))
                 / pre.shape[0]

@@ -74,10 +74,10 @@ from torch import Tensor, nn
 
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
-from hsae.models import register
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes, SparseCodes, to_dense
-from hsae.models.kernels import sparse_decode
+from hsae.models.registry import register
+from hsae.models.sparse.ops import sparse_decode
 
 
 @dataclass
@@ -119,15 +119,16 @@ class HSAEConfig(SAEConfig):
 
 
 @register("h-sae")
-class HSAE(SAE):
+class HSAE(SAE[HSAEConfig]):
     config_class = HSAEConfig
     unit_norm_decoder = False
     builtin_hierarchy = True
     supports_k = True
 
-    def __init__(self, config: HSAEConfig):
-        nn.Module.__init__(self)
-        self.config = config
+    def create_weights(self) -> None:
+        """The top SAE (E, D), each expert's projections and child SAE; W_enc and W_dec are computed
+        from them. Each child's parent is its expert's top latent."""
+        config = self.config
         d, n, m, s = config.d_in, config.n_top, config.m_low, config.subspace_dim
         self.E = nn.Parameter(torch.empty(d, n))  # top encoder (columns)
         self.b_enc = nn.Parameter(torch.zeros(n))
@@ -137,10 +138,7 @@ class HSAE(SAE):
         self.P_up = nn.Parameter(torch.empty(n, d, s))
         self.E_low = nn.Parameter(torch.empty(n, m, s))
         self.D_low = nn.Parameter(torch.empty(n, m, s))  # child decoder rows in the subspace
-        parents = torch.full((config.n_latents,), -1, dtype=torch.long)
-        parents[n:] = torch.arange(n).repeat_interleave(m)
-        self.register_buffer("parents", parents)
-        self.reset_parameters()
+        self.parents[n:] = torch.arange(n).repeat_interleave(m)
 
     def reset_parameters(self) -> None:
         cfg = self.config
@@ -169,14 +167,24 @@ class HSAE(SAE):
         return self.config.n_top
 
     @property
-    def W_dec(self) -> Tensor:  # type: ignore[override]
+    def W_dec(self) -> Tensor:
+        """(n_latents, d_in), computed (read-only): parents' rows of D, then children's P_up D_j[c]."""
         child = torch.einsum("nds,nms->nmd", self.up(), self.D_low).reshape(-1, self.d_in)
         return torch.cat([self.D, child], 0)
 
+    @W_dec.setter
+    def W_dec(self, value: Tensor) -> None:
+        raise HsaeError("h-sae computes W_dec from D, P_up and D_low; set those instead")
+
     @property
-    def W_enc(self) -> Tensor:  # type: ignore[override]
+    def W_enc(self) -> Tensor:
+        """(d_in, n_latents), computed (read-only): E, then children's P_down^T E_j."""
         child = torch.einsum("nsd,nms->nmd", self.P_down, self.E_low).reshape(-1, self.d_in)
         return torch.cat([self.E.T, child], 0).T
+
+    @W_enc.setter
+    def W_enc(self, value: Tensor) -> None:
+        raise HsaeError("h-sae computes W_enc from E, P_down and E_low; set those instead")
 
     def up(self, experts: Tensor | None = None) -> Tensor:
         """The effective up-projections (..., d_in, s) of `experts` (all when None): P_up, minus its

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from hsae.errors import HsaeError
-from hsae.models import register
 from hsae.models.codes import Codes
+from hsae.models.jump import heaviside_step, jumprelu
 from hsae.models.penalty import PenaltyConfig, PenaltySAE
+from hsae.models.registry import register
 
 
 @dataclass
@@ -40,43 +41,8 @@ class JumpReLUConfig(PenaltyConfig):
             raise HsaeError("threshold_init and bandwidth must be positive")
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        z, theta = ctx.saved_tensors
-        eps = ctx.eps
-        grad_z = grad * (z > theta)
-        grad_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * grad).sum(0)
-        return grad_z, grad_theta, None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        z, theta = ctx.saved_tensors
-        eps = ctx.eps
-        grad_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * grad).sum(0)
-        return None, grad_theta, None
-
-
 @register("jumprelu")
-class JumpReLUSAE(PenaltySAE):
+class JumpReLUSAE(PenaltySAE[JumpReLUConfig]):
     config_class = JumpReLUConfig
 
     def __init__(self, config: JumpReLUConfig):
@@ -87,8 +53,8 @@ class JumpReLUSAE(PenaltySAE):
         return self.log_threshold.exp()
 
     def activate(self, pre: Tensor, k: int | None = None) -> Codes:
-        return _JumpReLU.apply(pre, self.threshold(), self.config.bandwidth)
+        return jumprelu(pre, self.threshold(), self.config.bandwidth)
 
     def extra_losses(self, xn, pre, codes, xn_hat, ctx):
-        l0 = _Step.apply(pre, self.threshold(), self.config.bandwidth).sum(-1).mean()
+        l0 = heaviside_step(pre, self.threshold(), self.config.bandwidth).sum(-1).mean()
         return {"l0": self.current_coef(ctx) * l0}

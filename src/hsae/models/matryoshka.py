@@ -22,10 +22,11 @@ Groups (choices, where the papers leave room):
   not implemented; his ReLU + cumulative L1 activation is not used (this family is BatchTopK).
 - Inference: BatchTopK's learned global threshold (or `encode(x, k=...)` for per-token TopK).
 
-Training takes the sparse path (issue 6), as TopK and BatchTopK do: the selection of
-hsae.models.kernels, then one fused step (hsae.models.prefix_step) for the prefix losses, AuxK and
-all gradients; no (n, n_latents) tensor enters autograd, and the extra cost over BatchTopK is one
-more sparse decode and a few (n, d_in) passes per group.
+`forward` is the dense reference formulation; training runs the fused sparse step, as TopK and
+BatchTopK do: BatchTopK's selection, then the nested-prefix step (hsae.models.sparse.prefix_step,
+declared as `FusedTopKStep(selection=BatchTopK(), groups=group_bounds)`) for the prefix losses,
+AuxK and all gradients; no (n, n_latents) tensor enters autograd, and the extra cost over BatchTopK
+is one more sparse decode and a few (n, d_in) passes per group.
 
 There is no built-in tree: `hierarchy()` returns the forest found post hoc (hsae.interpret.forest;
 `hsae tree DIR --data ... --save`), all -1 until then.
@@ -39,14 +40,13 @@ import torch
 from torch import Tensor
 
 from hsae.errors import HsaeError
-from hsae.models import register
-from hsae.models.base import StepContext
+from hsae.models.base import SAEOutput, StepContext
 from hsae.models.batchtopk import BatchTopKConfig, BatchTopKSAE
 from hsae.models.codes import SparseCodes, to_dense
-from hsae.models.kernels import sparse_decode
 from hsae.models.partition import bounds_from_fractions, group_of_latents
-from hsae.models.prefix_step import sparse_prefix_step
-from hsae.models.topk import TopKSAE
+from hsae.models.registry import register
+from hsae.models.sparse.ops import sparse_decode
+from hsae.models.sparse.steps import BatchTopK, FusedTopKStep
 
 
 @dataclass
@@ -76,7 +76,7 @@ class MatryoshkaConfig(BatchTopKConfig):
 
 
 @register("matryoshka")
-class MatryoshkaSAE(BatchTopKSAE):
+class MatryoshkaSAE(BatchTopKSAE[MatryoshkaConfig]):
     config_class = MatryoshkaConfig
 
     def group_bounds(self) -> list[int]:
@@ -96,19 +96,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         cuts = lengths[torch.multinomial(pmf, n_cuts, replacement=False)].long().sort().values.tolist()
         return [0, *cuts, m]
 
-    # Whether training takes the sparse path (as TopKSAE.forward); False forces the dense formulation.
-    sparse_training: bool = True
-
-    def _matryoshka_sparse_ok(self) -> bool:
-        cls = type(self)
-        return (
-            self.sparse_training
-            and self.training
-            and torch.is_grad_enabled()
-            and self.W_enc.requires_grad
-            and cls.activate is BatchTopKSAE.activate
-            and cls.extra_losses is TopKSAE.extra_losses
-        )
+    train_step = FusedTopKStep(selection=BatchTopK(), groups=group_bounds)
 
     def _prefix_losses(self, xn: Tensor, idx: Tensor, val: Tensor, off: Tensor | None) -> tuple[Tensor, dict]:
         """b_dec plus each group's decoded codes, cumulatively; the loss of every prefix. Each group
@@ -134,11 +122,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             losses["prefix_mse"] = torch.stack(prefix_losses[:-1]).sum()
         return xn_hat, losses
 
-    def forward(self, x: Tensor, ctx: StepContext | None = None):
-        from hsae.models.base import SAEOutput
-
-        if self._matryoshka_sparse_ok():
-            return self._forward_sparse(x, ctx)
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:
         xn = self.scale_in(x)
         pre = self.pre_activations(xn)
         codes = self.activate(pre)
@@ -150,40 +134,6 @@ class MatryoshkaSAE(BatchTopKSAE):
         xn_hat, losses = self._prefix_losses(xn, idx, val, off)
         losses.update(self.extra_losses(xn, pre, codes, xn_hat, ctx))
         return SAEOutput(x_hat=xn_hat / self.config.input_scale, codes=codes, losses=losses)
-
-    def _forward_sparse(self, x: Tensor, ctx: StepContext | None):
-        """The training step without (n, n_latents) tensors in autograd, as TopKSAE.forward: the
-        batch-wide top-(k n) selection runs on chunked pre-activations without autograd
-        (BatchTopKSAE._select_sparse), then one custom autograd function
-        (`prefix_step.sparse_prefix_step`) decodes group by group, forms every prefix's loss and
-        AuxK, and writes the four parameter gradients through the selected entries. Same codes,
-        losses and gradients as the dense formulation (tests/test_prefix_step.py checks them)."""
-        from hsae.models.base import SAEOutput
-
-        if x.dim() != 2 or x.shape[-1] != self.d_in:
-            self.scale_in(x)  # raises the shape error
-        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
-        sel, dense_aux = self._select_with_aux(x, ctx)
-        bounds = self.group_bounds()
-        x_hat, mse, prefix_mse, auxk = sparse_prefix_step(
-            x,
-            self.config.input_scale,
-            self.W_enc,
-            self.b_enc,
-            self.W_dec,
-            self.b_dec,
-            sel,
-            bounds,
-            self.config.aux_coef,
-            dense_aux,
-        )
-        losses = {"mse": mse}
-        if len(bounds) > 2:
-            losses["prefix_mse"] = prefix_mse
-        if auxk is not None:
-            losses["auxk"] = auxk
-        codes = SparseCodes(sel.indices, sel.values, self.n_latents, sel.offsets)
-        return SAEOutput(x_hat=x_hat, codes=codes, losses=losses)
 
     def latent_groups(self) -> Tensor:
         """Group index of each latent under the fixed groups."""

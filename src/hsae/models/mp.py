@@ -57,9 +57,9 @@ from torch import Tensor, nn
 
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
-from hsae.models import register
 from hsae.models.base import SAE, SAEOutput, StepContext
 from hsae.models.codes import Codes, SparseCodes
+from hsae.models.registry import register
 
 
 @dataclass
@@ -237,18 +237,18 @@ def merge_repeats(idx: Tensor, val: Tensor) -> Tensor:
 
 
 @register("mp")
-class MPSAE(SAE):
+class MPSAE(SAE[MPConfig]):
     config_class = MPConfig
     supports_k = True
 
     def __init__(self, config: MPConfig):
-        nn.Module.__init__(self)
-        self.config = config
-        self.W_dec = nn.Parameter(torch.empty(config.n_latents, config.d_in))
-        self.b_dec = nn.Parameter(torch.zeros(config.d_in))
-        self.register_buffer("parents", torch.full((config.n_latents,), -1, dtype=torch.long))
-        self._gram: tuple[tuple, Tensor] | None = None
-        self.reset_parameters()
+        self._gram: tuple[tuple, Tensor] | None = None  # (key of W_dec's state, W_dec W_dec^T)
+        super().__init__(config)
+
+    def create_weights(self) -> None:
+        """Only the dictionary and b_dec: matching pursuit has no encoder matrix."""
+        self.W_dec = nn.Parameter(torch.empty(self.config.n_latents, self.config.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.config.d_in))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -257,8 +257,13 @@ class MPSAE(SAE):
             self.b_dec.zero_()
 
     @property
-    def W_enc(self) -> Tensor:  # type: ignore[override]
+    def W_enc(self) -> Tensor:
+        """W_dec^T (read-only): what an encoder matrix would be, for evaluators that read one."""
         return self.W_dec.T
+
+    @W_enc.setter
+    def W_enc(self, value: Tensor) -> None:
+        raise HsaeError("mp has no encoder matrix: W_enc is W_dec^T; set W_dec instead")
 
     def gram(self) -> Tensor:
         if torch.is_grad_enabled() and self.W_dec.requires_grad:

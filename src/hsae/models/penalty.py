@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -36,10 +37,15 @@ class PenaltyConfig(SAEConfig):
             raise HsaeError("sparsity_warmup_fraction must be in [0, 1]")
 
 
-class PenaltySAE(SAE):
+PC = TypeVar("PC", bound=PenaltyConfig)
+
+
+class PenaltySAE(SAE[PC]):
     """Base of families whose sparsity comes from a loss term rather than a hard top-k."""
 
-    def __init__(self, config: PenaltyConfig):
+    sparsity_coef: Tensor
+
+    def __init__(self, config: PC):
         super().__init__(config)
         self.register_buffer("sparsity_coef", torch.tensor(float(config.sparsity_coef)))
 

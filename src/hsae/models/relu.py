@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hsae.models import register
 from hsae.models.codes import Codes
 from hsae.models.penalty import PenaltyConfig, PenaltySAE
+from hsae.models.registry import register
 
 
 @dataclass
@@ -25,7 +25,7 @@ class ReLUConfig(PenaltyConfig):
 
 
 @register("relu")
-class ReLUSAE(PenaltySAE):
+class ReLUSAE(PenaltySAE[ReLUConfig]):
     config_class = ReLUConfig
     unit_norm_decoder = False
 

@@ -63,11 +63,11 @@ import torch
 from torch import Tensor
 
 from hsae.errors import HsaeError
-from hsae.models import register
-from hsae.models.base import SAEOutput, StepContext
+from hsae.models.base import AutogradStep, SAEOutput, StepContext
 from hsae.models.codes import SparseCodes
-from hsae.models.kernels import sparse_decode
 from hsae.models.partition import bounds_from_fractions, group_of_latents
+from hsae.models.registry import register
+from hsae.models.sparse.ops import sparse_decode
 from hsae.models.topk import TopKConfig, TopKSAE
 
 
@@ -151,10 +151,16 @@ def pool_topk(pre: Tensor, k: int, parents: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @register("tree")
-class TreeSAE(TopKSAE):
+class TreeSAE(TopKSAE[TreeConfig]):
     config_class = TreeConfig
     supports_k = True
     builtin_hierarchy = True
+    # The gate and the per-layer losses are not what the fused TopK step computes.
+    train_step = AutogradStep()
+    layer: Tensor
+    capacity: Tensor
+    next_realloc: Tensor
+    realloc_interval: Tensor
 
     def __init__(self, config: TreeConfig):
         super().__init__(config)
@@ -169,6 +175,30 @@ class TreeSAE(TopKSAE):
                 lo, hi = bounds[lv], bounds[lv + 1]
                 choice = torch.randint(-1, lo, (hi - lo,))
                 self.parents[lo:hi] = choice
+        # Re-parenting counts since the last event (`reparent`): sparse (child * m + parent) keys of
+        # pairs that co-fired with their counts, and each latent's firing count; training state.
+        self.coactivation: tuple[Tensor, Tensor] | None = None
+        self.fire_count: Tensor | None = None
+        # This step's per-row squared error, from forward to after_step (capacity_mode="row").
+        self.row_error: Tensor | None = None
+
+    def training_state(self) -> dict[str, Tensor]:
+        state = {}
+        if self.coactivation is not None:
+            state["coactivation_keys"], state["coactivation_counts"] = self.coactivation
+        if self.fire_count is not None:
+            state["fire_count"] = self.fire_count
+        return state
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        unknown = set(state) - {"coactivation_keys", "coactivation_counts", "fire_count"}
+        if unknown:
+            raise HsaeError(f"tree: unknown training state {sorted(unknown)} in the checkpoint")
+        device = self.W_enc.device
+        keys, counts = state.get("coactivation_keys"), state.get("coactivation_counts")
+        self.coactivation = None if keys is None or counts is None else (keys.to(device), counts.to(device))
+        fire_count = state.get("fire_count")
+        self.fire_count = None if fire_count is None else fire_count.to(device)
 
     @property
     def n_layers(self) -> int:
@@ -228,7 +258,7 @@ class TreeSAE(TopKSAE):
             if aux.requires_grad:
                 losses["auxk"] = aux
         if self.training and cfg.capacity_mode == "row":
-            self._row_err = (xn_hat - xn).detach().pow(2).sum(-1)
+            self.row_error = (xn_hat - xn).detach().pow(2).sum(-1)
         return SAEOutput(x_hat=xn_hat / cfg.input_scale, codes=codes, losses=losses)
 
     # ----- dynamic reallocation ------------------------------------------------------------------
@@ -240,9 +270,9 @@ class TreeSAE(TopKSAE):
         codes = out.codes
         on = codes.values != 0
         can_parent = torch.cat([self.layer < self.n_layers - 1, self.layer.new_ones(1, dtype=torch.bool)])
-        if cfg.capacity_mode == "row" and getattr(self, "_row_err", None) is not None:
-            err = self._row_err
-            self._row_err = None
+        if cfg.capacity_mode == "row" and self.row_error is not None:
+            err = self.row_error
+            self.row_error = None
             idx = torch.where(on & can_parent[codes.indices], codes.indices, self.n_latents)  # n_latents: the root
             keep = idx < self.n_latents
             n_par = keep.sum(-1) + 1
@@ -283,32 +313,31 @@ class TreeSAE(TopKSAE):
         """Accumulate, sparsely, how often each (child, earlier-layer latent) pair fires in one row,
         and how often each latent fires."""
         m = self.n_latents
-        counts = getattr(self, "_fire_count", None)
+        counts = self.fire_count
         if counts is None or counts.device != idx.device:
             counts = torch.zeros(m, device=idx.device)
         counts.index_put_((idx[on],), torch.ones(int(on.sum()), device=idx.device), accumulate=True)
-        self._fire_count = counts
+        self.fire_count = counts
         lay = self.layer[idx]
         pair = on[:, :, None] & on[:, None, :] & (lay[:, :, None] > lay[:, None, :])  # [row, child, parent]
         keys = (idx[:, :, None] * m + idx[:, None, :])[pair]
         if keys.numel() == 0:
             return
         uk, cnt = keys.unique(return_counts=True)
-        prev = getattr(self, "_coact", None)
+        prev = self.coactivation
         if prev is not None and prev[0].device == uk.device:
             uk = torch.cat([prev[0], uk])
             cnt = torch.cat([prev[1], cnt])
             uk, inv = uk.unique(return_inverse=True)
             cnt = torch.zeros(uk.numel(), dtype=cnt.dtype, device=uk.device).index_add_(0, inv, cnt)
-        self._coact = (uk, cnt)
+        self.coactivation = (uk, cnt)
 
     @torch.no_grad()
     def reparent(self, dead: Tensor) -> None:
         """Move each live child to the earlier-layer latent it co-fired with most (see the config)."""
         cfg = self.config
-        coact = getattr(self, "_coact", None)
-        counts = getattr(self, "_fire_count", None)
-        self._coact, self._fire_count = None, None
+        coact, counts = self.coactivation, self.fire_count
+        self.coactivation, self.fire_count = None, None
         if coact is None or counts is None:
             return
         m = self.n_latents

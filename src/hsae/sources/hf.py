@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from hsae.errors import HsaeError
-from hsae.store import rebatch, window_permutation
+from hsae.sources.stream import check_batch_request, endless_rows, rebatch, window_permutation
+from hsae.sources.text import describe_corpus
 
 DEFAULT_HOOK = "encoder.layer.3"
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -596,7 +597,7 @@ class ModelActivationSource:
         self.d_in = self.harvester.hooked.widths()[hook]
 
     def describe(self) -> dict[str, Any]:
-        corpus = self.corpus.describe() if hasattr(self.corpus, "describe") else {"kind": "texts"}
+        corpus = describe_corpus(self.corpus)
         return {
             "kind": "model",
             "model": self.harvester.loaded.describe(),
@@ -654,24 +655,21 @@ class ModelActivationSource:
         elif window == 0:
             raise HsaeError("the corpus gives no tokens to harvest (every document is empty or special tokens)")
 
-    def _stream(self, start_row: int, rank: int, world_size: int) -> Iterator[Tensor]:
-        """Shuffled row blocks of the endless stream, from row `start_row`."""
-        epoch, window, offset = 0, 0, 0
-        if start_row:
-            epoch, row = divmod(start_row, self._epoch_length(rank, world_size))
-            window, offset = divmod(row, self.buffer_rows)
-        while True:
-            for block in self._windows(epoch, window, rank, world_size):
-                yield block[offset:]
-                offset = 0
-            epoch, window = epoch + 1, 0
+    def _rows_from(self, epoch: int, row: int, rank: int, world_size: int) -> Iterator[Tensor]:
+        """Shuffled row blocks of one epoch from its row `row` on."""
+        window, offset = divmod(row, self.buffer_rows)
+        for block in self._windows(epoch, window, rank, world_size):
+            yield block[offset:]
+            offset = 0
 
     def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
-        if not 0 <= rank < world_size:
-            raise HsaeError(f"rank {rank} is not in 0..{world_size - 1}")
-        if batch_size <= 0:
-            raise HsaeError(f"batch_size must be positive, got {batch_size}")
-        return rebatch(self._stream(start_step * batch_size, rank, world_size), batch_size)
+        check_batch_request(batch_size, rank, world_size)
+        rows = endless_rows(
+            lambda: self._epoch_length(rank, world_size),
+            lambda epoch, row: self._rows_from(epoch, row, rank, world_size),
+            start_step * batch_size,
+        )
+        return rebatch(rows, batch_size)
 
     def sample(self, n: int) -> Tensor:
         """The first n rows of the corpus (unshuffled, deterministic)."""

@@ -61,6 +61,12 @@ class Corpus:
         return self
 
 
+def describe_corpus(corpus: Any) -> dict[str, Any]:
+    """What a store or run records about its documents: a Corpus describes itself; any other
+    re-iterable of strings is recorded as plain texts."""
+    return corpus.describe() if hasattr(corpus, "describe") else {"kind": "texts"}
+
+
 def open_corpus(spec: str | os.PathLike, *, text_field: str = "text") -> Corpus:
     """`"wordnet"` or a path (text/JSON-lines/parquet file, folder of them, or a saved dataset)."""
     if str(spec) == WORDNET:

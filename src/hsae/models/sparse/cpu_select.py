@@ -1,8 +1,8 @@
-"""Exact per-row top-k of pre-activations on the CPU, compiled with numba (issue 6).
+"""Exact per-row top-k of pre-activations on the CPU, compiled with numba.
 
 After the encoder matmul, choosing each token's k largest pre-activations was the largest remaining
 cost of a TopK training step on a CPU (about a sixth of it): `torch.topk`, even in the two-stage form
-of `kernels.topk_select`, runs a branchy per-row partial sort. This kernel does the same exact
+of `selection.topk_select`, runs a branchy per-row partial sort. This kernel does the same exact
 selection with almost no sorting, one row at a time while the row is in cache:
 
 1. block maxima: the row's m entries in `size` strided blocks (entry i * nb + j is in block j, nb =
@@ -24,7 +24,7 @@ threshold, reading only the blocks whose maximum passes), compiled the same way.
 
 Rows the kernel cannot settle cheaply (NaNs, or more than `MAX_CANDIDATES_PER_K` * k candidates, e.g. a
 row of equal values) are flagged and re-selected with `torch.topk`, so the result is always exact.
-The kernels are used by `kernels.topk_select` and `kernels._entries_at_least` when numba imports (it
+The kernels are used by `selection.topk_select` and `selection.BatchTopKCollector` when numba imports (it
 is a dependency of hsae), `HSAE_NUMBA=0` is not set and the process is not a forked child (GNU OpenMP
 cannot start threads in a child of a process that used them); they compile once per machine (a few
 seconds, cached on disk).
@@ -248,8 +248,9 @@ if numba is not None:
 
 def entries_at_least(pre: Tensor, thr: float, size: int) -> tuple[Tensor, Tensor]:
     """(flat row-major positions, values) of the entries of `pre` (n, m) that are > 0 and >= thr,
-    rows in order (a contiguous float32/float64 CPU tensor, m % size == 0): what
-    `kernels._entries_at_least` computes, in two compiled passes (count per row, then fill)."""
+    rows in order (a contiguous float32/float64 CPU tensor, m % size == 0): what the candidate
+    filter of `selection.BatchTopKCollector` computes, in two compiled passes (count per row, then
+    fill)."""
     n, m = pre.shape
     dtype = pre.numpy().dtype
     thr = dtype.type(thr)  # compared in the tensor's dtype, as torch compares with a Python scalar

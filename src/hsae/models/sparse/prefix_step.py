@@ -1,5 +1,5 @@
 """The sparse Matryoshka training step: nested-prefix reconstruction losses through the active
-latents only, in one autograd function (issue 6: Matryoshka within 1.3x of TopK's step).
+latents only, in one autograd function.
 
 Latents are split into groups [b_0, b_1), [b_1, b_2), ... by `bounds`. With R_g the reconstruction of
 group g's active entries (normalised units) and E_i = b_dec + R_0 + ... + R_i - xn the error of
@@ -20,8 +20,8 @@ latents, group g's entries are a contiguous slice of that order, so its rows of 
 sum) and its entries' value gradients (sampled dot products) are taken against the current S in one
 slice. AuxK entries in the slice read their own bags (n + r, the AuxK gradient), so each entry is
 handled exactly once with the gradient that belongs to it. AuxK over few dead latents comes instead
-as a dense block over their columns (`kernels.dense_aux_forward/backward`, as the TopK step). The
-encoder gradients then follow exactly as in `kernels._SparseTopKStep` (`kernels.encoder_grads`: grad
+as a dense block over their columns (`topk_step.dense_aux_forward/backward`, as the TopK step). The
+encoder gradients then follow exactly as in the TopK step (`topk_step.encoder_grads`: grad
 W_enc block by block in its own layout, from the raw batch).
 
 tests/test_prefix_step.py checks losses and all gradients against the dense formulation.
@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.kernels import (
-    TopKSelection,
-    _group_by_latent,
-    _selection_entries,
+from hsae.models.sparse.ops import group_by_latent
+from hsae.models.sparse.selection import TopKSelection
+from hsae.models.sparse.topk_step import (
     dense_aux_forward,
     encoder_grads,
+    selection_entries,
     take_dense_aux_grads,
 )
 
@@ -54,20 +54,20 @@ def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) ->
 
 # Rows decoded at once when a group's reconstruction is added to the running error: the temporary
 # stays small instead of (n, d) (peak memory of the backward, where E, S and grad W_dec are live).
-_ADD_ROWS = 512
+ADD_ROWS = 512
 
 
 def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, alpha: float) -> None:
     """E += alpha * (decoded bags), bags given by the CSR pointer `offsets` (n + 1,) into cols/vals,
     in row blocks."""
     n = E.shape[0]
-    if E.device.type != "cpu" or n <= _ADD_ROWS:
+    if E.device.type != "cpu" or n <= ADD_ROWS:
         p0 = int(offsets[0])
         E.add_(_bag(cols[p0 : int(offsets[-1])], vals[p0 : int(offsets[-1])], W_dec, offsets, p0), alpha=alpha)
         return
-    cuts = offsets[::_ADD_ROWS].tolist() + ([int(offsets[-1])] if n % _ADD_ROWS else [])
-    for blk, r0 in enumerate(range(0, n, _ADD_ROWS)):
-        r1 = min(n, r0 + _ADD_ROWS)
+    cuts = offsets[::ADD_ROWS].tolist() + ([int(offsets[-1])] if n % ADD_ROWS else [])
+    for blk, r0 in enumerate(range(0, n, ADD_ROWS)):
+        r1 = min(n, r0 + ADD_ROWS)
         p0, p1 = cuts[blk], cuts[blk + 1]
         if p1 > p0:
             E[r0:r1].add_(_bag(cols[p0:p1], vals[p0:p1], W_dec, offsets[r0 : r1 + 1], p0), alpha=alpha)
@@ -75,7 +75,7 @@ def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: T
 
 # Latents per block when a group's rows of grad W_dec are written: the segment sum's (block, d)
 # result is a small temporary instead of one as large as the group (the loop is the step's peak).
-_WDEC_BLOCK = 512
+WDEC_BLOCK = 512
 
 
 def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor) -> None:
@@ -83,7 +83,7 @@ def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tens
     entries sorted by latent with CSR pointer `ptr` (n_latents + 1,)."""
     if hi <= lo:
         return
-    step = hi - lo if out.device.type != "cpu" else _WDEC_BLOCK
+    step = hi - lo if out.device.type != "cpu" else WDEC_BLOCK
     cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
     for blk, j0 in enumerate(range(lo, hi, step)):
         j1 = min(hi, j0 + step)
@@ -193,7 +193,7 @@ class _SparsePrefixStep(torch.autograd.Function):
             else:
                 G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
         bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
-        order, ptr = _group_by_latent(cols, m)
+        order, ptr = group_by_latent(cols, m)
         cols_s, bags_s, vals_s = (t.index_select(0, order) for t in (cols, bags, vals))
         del bags, order
         cut = ptr[torch.tensor(bounds, device=ptr.device)].tolist()  # where each group's latents begin
@@ -246,9 +246,9 @@ def sparse_prefix_step(
     """(x_hat in raw units, mse, prefix_mse, auxk or None) of the codes selected from x (raw, (n, d))
     with xn = scale * x and latent groups cut at `bounds` ([0, ..., n_latents]); see the module
     docstring; AuxK from the selection's sparse entries or from `dense_aux` (as
-    `kernels.sparse_topk_step`). All four parameters get their gradients through the selected entries
+    `topk_step.sparse_topk_step`). All four parameters get their gradients through the selected entries
     only."""
-    cols, vals, offsets = _selection_entries(sel)
+    cols, vals, offsets = selection_entries(sel)
     n_code = sel.indices.numel()
     dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
     x_hat, mse, prefix, aux = _SparsePrefixStep.apply(

@@ -1,0 +1,186 @@
+"""Sparse primitives: sums and products over (token, latent) entries without dense codes.
+
+- `sparse_decode` computes sum_j values[r, j] * W_dec[indices[r, j]] with `embedding_bag`; its custom
+  backward writes grad W_dec as one more `embedding_bag` over the entries grouped by latent (a
+  segment sum, no (nnz, d) temporary) and grad values as a sampled dot product. It never builds the
+  dense (n, n_latents) code.
+- `segment_sum`, `segment_sum_transposed`, `bag_sum`, `sampled_dot`, `group_by_latent`, `row_ids`:
+  the building blocks of the fused training steps (hsae.models.sparse.topk_step, prefix_step).
+- `encoder_matmul` (optionally in bf16), `remove_parallel_component_` (the unit-norm decoder rule,
+  in place, in blocks).
+
+tests/test_kernels.py checks them against the dense computation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype_of(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"compute_dtype must be one of {', '.join(_DTYPES)}, got {name!r}") from None
+
+
+def encoder_matmul(xc: Tensor, W_enc: Tensor, b_enc: Tensor, compute_dtype: torch.dtype | None = None) -> Tensor:
+    """b_enc + xc @ W_enc, with the matmul in `compute_dtype` (None: the weights' dtype); the result
+    is in the weights' dtype."""
+    if compute_dtype is None or compute_dtype == W_enc.dtype:
+        return torch.addmm(b_enc, xc, W_enc)
+    return torch.mm(xc.to(compute_dtype), W_enc.to(compute_dtype)).to(W_enc.dtype).add_(b_enc)
+
+
+# ----- bookkeeping of sparse entries ---------------------------------------------------------------
+def row_ids(indices: Tensor, offsets: Tensor | None) -> Tensor:
+    """Row (token) of each flat entry."""
+    if offsets is None:
+        n, k = indices.shape
+        return torch.arange(n, device=indices.device).repeat_interleave(k)
+    n = offsets.numel() - 1
+    return torch.arange(n, device=indices.device).repeat_interleave(offsets.diff(), output_size=indices.numel())
+
+
+def group_by_latent(cols: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """Permutation sorting flat entries by latent, and the (n_latents + 1,) CSR pointer of the groups."""
+    # int32 keys sort about twice as fast as int64 ones on CPU.
+    order = torch.argsort(cols.to(torch.int32) if n_latents < 2**31 else cols)
+    ptr = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
+    torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
+    return order, ptr
+
+
+def segment_sum(rows: Tensor, weights: Tensor, table: Tensor, order: Tensor, ptr: Tensor) -> Tensor:
+    """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]]  -> (n_latents, d)."""
+    return F.embedding_bag(
+        rows.index_select(0, order),
+        table,
+        ptr,
+        mode="sum",
+        per_sample_weights=weights.index_select(0, order).to(table.dtype),
+        include_last_offset=True,
+    )
+
+
+def bag_sum(indices: Tensor, weights: Tensor, table: Tensor, offsets: Tensor | None) -> Tensor:
+    """out[r] = sum_j weights[r, j] * table[indices[r, j]] (fixed width or CSR rows)."""
+    weights = weights.to(table.dtype)
+    if offsets is None:
+        return F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights)
+    # embedding_bag takes bag starts (n,), with include_last_offset the full (n + 1,) CSR pointer.
+    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
+
+
+def sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor | None) -> Tensor:
+    """(a[rows[e]] * b[cols[e]]).sum() for each entry e, for a (n, d) and b (m, d): the gradient of
+    `embedding_bag`'s per-sample weights, one dot product per entry without gathering rows."""
+    n = a.shape[0]
+    if offsets is None:
+        starts = torch.arange(0, cols.numel(), max(1, cols.numel() // max(1, n)), device=cols.device)[:n]
+    else:
+        starts = offsets[:-1]
+    try:
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(a, b, cols, starts, rows, 0, -1)
+    except (AttributeError, RuntimeError):  # a torch without the op: gather in chunks
+        out = torch.empty(rows.numel(), dtype=a.dtype, device=a.device)
+        for s in range(0, rows.numel(), 4096):
+            r, c = rows[s : s + 4096], cols[s : s + 4096]
+            out[s : s + 4096] = (b[c] * a[r]).sum(-1)
+        return out
+
+
+# ----- decoder ---------------------------------------------------------------------------------------
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(indices, values, W_dec, offsets)
+        return bag_sum(indices, values, W_dec, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        indices, values, W_dec, offsets = ctx.saved_tensors
+        need_values, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_values = grad_w = None
+        if not (need_values or need_w):
+            return None, None, None, None
+        grad_out = grad_out.contiguous()
+        cols = indices.reshape(-1)
+        rows = row_ids(indices, offsets)
+        if need_w:
+            order, ptr = group_by_latent(cols, W_dec.shape[0])
+            grad_w = segment_sum(rows, values.reshape(-1), grad_out, order, ptr)
+        if need_values:
+            grad_values = sampled_dot(grad_out, W_dec, rows, cols, offsets).view_as(values).to(values.dtype)
+        return None, grad_values, grad_w, None
+
+
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """(n, k) or CSR (nnz,)+(n+1,) codes times W_dec (n_latents, d) -> (n, d), without a dense code.
+    Gradients flow to `values` and `W_dec` through the active entries only."""
+    values = values.to(W_dec.dtype)
+    if not torch.is_grad_enabled() or not (values.requires_grad or W_dec.requires_grad):
+        return bag_sum(indices, values, W_dec, offsets)
+    return _SparseDecode.apply(indices, values, W_dec, offsets)
+
+
+# ----- encoder gradients -----------------------------------------------------------------------------
+# Latents per block of the grad-W_enc segment sum (its (block, d_in) result is transposed in cache).
+_WENC_BLOCK = 256
+
+
+def segment_sum_transposed(
+    rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, scale: float, b_dec: Tensor, colsum: Tensor
+) -> Tensor:
+    """(d, m) matrix whose column j is scale * sum_{e in latent j} weights[e] * table[rows[e]]
+    - b_dec * colsum[j], for entries sorted by latent with CSR pointer `ptr`, built block by block
+    (no (m, d) intermediate)."""
+    m, d = ptr.numel() - 1, table.shape[1]
+    weights = weights.to(table.dtype)
+    if table.device.type != "cpu":
+        # On a GPU the cache-sized blocks would only multiply kernel launches (and their bounds
+        # need a host sync).
+        return _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum)
+    out = torch.empty(d, m, dtype=table.dtype, device=table.device)
+    bounds = ptr[::_WENC_BLOCK].tolist() + ([int(ptr[-1])] if m % _WENC_BLOCK else [])
+    _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum)
+    return out
+
+
+def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum) -> Tensor:
+    """`segment_sum_transposed` as one segment sum, then transposed (what a GPU runs)."""
+    part = F.embedding_bag(rows, table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True)
+    out = torch.empty(table.shape[1], ptr.numel() - 1, dtype=table.dtype, device=table.device)
+    return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1, out=out)
+
+
+def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum) -> None:
+    m = out.shape[1]
+    for blk, j0 in enumerate(range(0, m, _WENC_BLOCK)):
+        j1 = min(m, j0 + _WENC_BLOCK)
+        p0, p1 = bounds[blk], bounds[blk + 1]
+        part = F.embedding_bag(
+            rows[p0:p1],
+            table,
+            ptr[j0 : j1 + 1] - p0,
+            mode="sum",
+            per_sample_weights=weights[p0:p1],
+            include_last_offset=True,
+        )
+        # scale * part^T - b_dec (x) colsum, written into the block's columns in one pass
+        torch.addr(part.t(), b_dec, colsum[j0:j1], beta=scale, alpha=-1, out=out[:, j0:j1])
+
+
+@torch.no_grad()
+def remove_parallel_component_(g: Tensor, w: Tensor, block_rows: int = 512) -> None:
+    """g[i] -= (g[i] . w[i]) w[i] in place, in row blocks on the CPU (no (m, d) temporaries; a GPU
+    takes all rows in one go)."""
+    if g.device.type != "cpu":
+        block_rows = max(1, g.shape[0])
+    for s in range(0, g.shape[0], block_rows):
+        gb, wb = g[s : s + block_rows], w[s : s + block_rows]
+        gb.addcmul_((gb * wb).sum(-1, keepdim=True), wb, value=-1)

@@ -1,0 +1,282 @@
+"""The fused TopK training step: decoder, reconstruction loss and AuxK loss of selected codes in one
+autograd function whose backward writes all four parameter gradients through the active entries.
+
+`sparse_topk_step` takes a `TopKSelection` (hsae.models.sparse.selection: the codes and AuxK
+entries, chosen without autograd from chunked pre-activations) and returns (x_hat, mse, auxk). Its
+backward groups all entries (codes and AuxK together) by latent once, writes grad W_dec as a segment
+sum, the value gradients as sampled dot products, and grad W_enc block by block in its own
+(d_in, n_latents) layout from the raw batch (`encoder_grads`), freeing its (n, d_in) buffers as soon
+as they are used (peak memory). AuxK over few dead latents comes as a dense (n, n_dead) block instead
+of entries (`dense_aux_codes`, `dense_aux_forward/backward`): small matmuls beat per-entry gathers
+when k_aux is near the dead count. No (n, n_latents) tensor exists at any point.
+
+tests/test_kernels.py checks losses and gradients against the dense formulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hsae.models.sparse.ops import group_by_latent, segment_sum_transposed
+from hsae.models.sparse.selection import TopKSelection
+
+
+def dense_aux_forward(
+    E: Tensor, aux_z: Tensor, W_dec: Tensor, dead_cols: Tensor, aux_coef: float, beta: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """A dense AuxK block's error A = aux_z @ W_dec[dead] + beta * E (the dead latents' reconstruction
+    minus the live residual xn - xn_hat = -beta * E) and its loss aux_coef |A|^2 / n."""
+    A = torch.addmm(E, aux_z, W_dec.index_select(0, dead_cols), beta=beta)
+    flat = A.reshape(-1)
+    return A, torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, E.shape[0])))
+
+
+def dense_aux_backward(
+    A: Tensor | None, g_aux: Tensor | None, aux_coef: float, W_dec: Tensor, dead_cols: Tensor, aux_z: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of `dense_aux_forward` (A is overwritten): dA = 2 coef g / n * A; returns the gradient
+    of the block's values, dA W_dec[dead]^T where z > 0, and the block's share of grad W_dec[dead],
+    z^T dA ((None, None) without an AuxK block or gradient). Callers run it first in their backward
+    (`take_dense_aux_grads`) and add the encoder's share: colsum into grad b_enc's buffer (gb) and
+    scale * x^T grad_z into grad W_enc's dead columns (`encoder_grads`)."""
+    if A is None or g_aux is None:
+        return None, None
+    A.mul_(g_aux * (2 * aux_coef / max(1, A.shape[0])))
+    W_dead = W_dec.index_select(0, dead_cols)
+    grad_w_dead = aux_z.t() @ A
+    grad_z = (A @ W_dead.t()).mul_(aux_z > 0)
+    return grad_z, grad_w_dead
+
+
+def take_dense_aux_grads(
+    ctx, g_aux: Tensor | None, W_dec: Tensor, dead_cols: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """`dense_aux_backward` of the block a fused step's forward left on ctx (`dense_A`, `aux_z`),
+    releasing both: the steps call it first in their backward, so the block's (n, d) error and
+    (n, n_dead) codes are gone before any (n_latents, d) gradient exists (peak memory)."""
+    grads = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
+    ctx.dense_A = ctx.aux_z = None
+    return grads
+
+
+class _SparseTopKStep(torch.autograd.Function):
+    """Decoder, reconstruction loss and AuxK loss of selected codes, with one sparse backward for all
+    four parameters. Entries are CSR over bags: bag r < n is token r's code, bag n + r its AuxK code.
+
+    Forward (normalised units xn = scale * x): out = embedding_bag(entries, W_dec) (bags, d);
+    x_hat = (out[:n] + b_dec) / scale; D = x_hat - x (raw units, kept in out[:n]); mse = scale^2 |D|^2 / n;
+    AuxK: A = out[n:] + scale * D (the dead latents' reconstruction minus the live residual
+    xn - xn_hat = -scale * D), auxk = coef |A|^2 / n. Only `out` and `x_hat` are (n, d)-sized.
+
+    Backward: G = d loss / d out (in place in `out`); grad W_dec = segment sum over latents of
+    value * G[bag]; grad value = G[bag] . W_dec[latent], passed where the value is > 0 (ReLU) as g;
+    grad b_enc = colsum g; grad W_enc[:, j] = sum over j's entries of g * xc[token] with
+    xc = scale * x - b_dec, i.e. scale * (segment sum of g * x) - b_dec (x) grad b_enc, written block
+    by block in W_enc's own (d_in, n_latents) layout; grad b_dec = colsum G[:n] - W_enc grad b_enc."""
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef, dead_cols, aux_z):  # type: ignore[override]
+        n = x.shape[0]
+        n_bags = bag_offsets.numel() - 1
+        # W_dec.detach(): embedding_bag of a weight that requires grad also builds what its own backward
+        # would need (bag ids, sizes), ~15% of the call; this function has its own backward.
+        out = F.embedding_bag(
+            cols, W_dec.detach(), bag_offsets, mode="sum", per_sample_weights=vals, include_last_offset=True
+        )
+        x_hat = out[:n].add(b_dec)
+        if scale != 1.0:
+            x_hat.div_(scale)
+        D = out[:n]
+        torch.sub(x_hat, x, out=D)
+        flat = D.reshape(-1)
+        mse = torch.dot(flat, flat).mul_(scale * scale / max(1, n))
+        ctx.dense_A = None
+        if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
+            ctx.dense_A, aux = dense_aux_forward(D, aux_z, W_dec, dead_cols, aux_coef, scale)
+        elif n_bags > n:
+            A = out[n:]
+            A.add_(D, alpha=scale)
+            flat = A.reshape(-1)
+            aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+        else:
+            aux = torch.zeros((), dtype=out.dtype, device=out.device)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols)
+        ctx.out = out  # not saved: the backward overwrites it in place and frees it early
+        ctx.aux_z = aux_z  # (no autograd history) likewise freed as soon as the backward is done with it
+        ctx.scale, ctx.aux_coef = scale, aux_coef
+        return x_hat, mse, aux
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_mse, g_aux):  # type: ignore[override]
+        G = ctx.out
+        if G is None:
+            raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
+        ctx.out = None
+        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols = ctx.saved_tensors
+        grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
+        need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
+        n, d = x.shape
+        m = W_dec.shape[0]
+        n_bags = bag_offsets.numel() - 1
+        s = ctx.scale
+        Gm = G[:n]
+        if g_mse is None:
+            Gm.zero_()
+        else:
+            Gm.mul_(g_mse * (2 * s / max(1, n)))
+        if g_xhat is not None:
+            Gm.add_(g_xhat, alpha=1 / s)
+        if n_bags > n:
+            if g_aux is None:
+                G[n:].zero_()
+            else:
+                G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
+        grad_we = grad_be = grad_wd = grad_bd = None
+        if need_bd:
+            grad_bd = Gm.sum(0)
+        del Gm
+        bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
+        order, ptr = group_by_latent(cols, m)
+        bags_sorted = bags.index_select(0, order)
+        if need_wd:
+            grad_wd = F.embedding_bag(
+                bags_sorted,
+                G,
+                ptr,
+                mode="sum",
+                per_sample_weights=vals.index_select(0, order),
+                include_last_offset=True,
+            )
+            if grad_wd_dead is not None:
+                grad_wd.index_add_(0, dead_cols, grad_wd_dead)
+        del grad_wd_dead
+        if not (need_we or need_be or need_bd):
+            return None, None, grad_wd, grad_bd, *([None] * 8)
+        g = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W_dec, cols, bag_offsets[:-1], bags, 0, -1)
+        del G, bags
+        g.mul_(vals > 0)  # ReLU: no gradient where the value was clipped to 0
+        g_sorted = g.index_select(0, order)
+        del g
+        grad_we, grad_be = encoder_grads(
+            W_enc,
+            x,
+            s,
+            b_dec,
+            cols.index_select(0, order),
+            g_sorted,
+            bags_sorted,
+            ptr,
+            n,
+            grad_bd,
+            need_we,
+            need_be,
+            grad_z,
+            dead_cols,
+        )
+        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
+
+
+def encoder_grads(
+    W_enc: Tensor,
+    x: Tensor,
+    scale: float,
+    b_dec: Tensor,
+    cols: Tensor,
+    g: Tensor,
+    bags: Tensor,
+    ptr: Tensor,
+    n: int,
+    grad_bd: Tensor | None,
+    need_we: bool,
+    need_be: bool,
+    grad_z: Tensor | None = None,
+    dead_cols: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad W_enc, grad b_enc) from the gradients g of the selected pre-activations, entries sorted
+    by latent (cols, bags with CSR pointer ptr; bags >= n are AuxK bags of token bag - n), plus a dense
+    AuxK block's value gradients grad_z over `dead_cols`; grad_bd gets the encoder's share,
+    -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec)."""
+    gb = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
+    if grad_z is not None:
+        gb.index_add_(0, dead_cols, grad_z.sum(0))
+    if grad_bd is not None:
+        grad_bd.addmv_(W_enc, gb, alpha=-1)
+    grad_we = None
+    if need_we:
+        bags.remainder_(n)  # AuxK bags n + r read token r
+        grad_we = segment_sum_transposed(bags, g, x, ptr, scale, b_dec, gb)
+        if grad_z is not None:  # the b_dec part is in gb already
+            grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(scale))
+    return grad_we, (gb if need_be else None)
+
+
+def selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR (cols, vals, bag_offsets) of a selection's codes (bags 0..n-1) and, if any, its AuxK
+    entries with a value > 0 (bags n..2n-1; the others contribute nothing)."""
+    if sel.offsets is None:
+        n, k = sel.indices.shape
+        cols, vals = sel.indices.reshape(-1), sel.values.reshape(-1)
+        offsets = torch.arange(0, n * k + 1, max(1, k), device=cols.device)[: n + 1]
+    else:
+        cols, vals, offsets = sel.indices, sel.values, sel.offsets
+    if sel.aux_values is None:
+        return cols, vals, offsets
+    live = sel.aux_values > 0
+    aux_off = torch.zeros(live.shape[0], dtype=torch.long, device=cols.device)
+    torch.cumsum(live.sum(1), 0, out=aux_off)
+    return (
+        torch.cat([cols, sel.aux_indices[live]]),
+        torch.cat([vals, sel.aux_values[live]]),
+        torch.cat([offsets, aux_off.add_(cols.numel())]),
+    )
+
+
+@torch.no_grad()
+def dense_aux_codes(
+    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_cols: Tensor, k_aux: int
+) -> Tensor:
+    """The AuxK codes as a dense (n, n_dead) block over the dead latents' columns: their
+    pre-activations (scale * x - b_dec) @ W_enc[:, dead] + b_enc[dead], the k_aux largest of each
+    row kept (ReLU'd), the rest 0 (no autograd)."""
+    pre = torch.addmm(b_enc.index_select(0, dead_cols), x * scale - b_dec, W_enc.index_select(1, dead_cols))
+    values, pos = pre.topk(k_aux, dim=1, sorted=False)
+    return torch.zeros_like(pre).scatter_(1, pos, values.relu_())
+
+
+def sparse_topk_step(
+    x: Tensor,
+    scale: float,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    sel: TopKSelection,
+    aux_coef: float = 0.0,
+    dense_aux: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(x_hat in raw units, mse, auxk or None) of the codes selected from x (raw, (n, d)) with
+    xn = scale * x: mse = |xn_hat - xn|^2 summed over dimensions, averaged over tokens; auxk as
+    `hsae.models.auxk.auxk_term` (aux_coef times the AuxK reconstruction error of the live residual), from the
+    selection's sparse AuxK entries or from `dense_aux` = (dead latent ids, `dense_aux_codes`). Both
+    backpropagate to W_enc, b_enc, W_dec and b_dec through the selected entries only
+    (`_SparseTopKStep`)."""
+    cols, vals, offsets = selection_entries(sel)
+    dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
+    x_hat, mse, aux = _SparseTopKStep.apply(
+        W_enc,
+        b_enc,
+        W_dec,
+        b_dec,
+        x,
+        float(scale),
+        cols,
+        vals.to(W_dec.dtype),
+        offsets,
+        float(aux_coef),
+        dead_cols,
+        aux_z,
+    )
+    return x_hat, mse, (aux if sel.aux_values is not None or dense_aux is not None else None)
