@@ -1,0 +1,387 @@
+"""The examples pass: one streaming pass over N tokens that gives every latent what a person needs to
+see what it means, written to `DIR/examples.sqlite` (see `examples_db`).
+
+Per latent: the top activating contexts (a window of tokens around the peak with the latent's
+activation on every token), examples from activation quantiles (delphi's sampling: a uniform sample of
+the latent's firings split into equal-count quantiles, lowest first), its firing density, a histogram
+of its activation values, its strongest co-firing latents, the most negative activations too for
+signed codes, and, for a causal LM, the tokens its decoder direction promotes and suppresses.
+
+Every row is encoded once; contexts come from the neighbouring rows of the same document (a store
+keeps each row's token id, document and position), so no second forward pass is needed. Memory is
+bounded by the tables (n_latents x examples x window), whatever N. The pass checkpoints its state
+every `checkpoint_seconds` beside the output and resumes from it when run again with the same
+settings; the file itself appears only when complete (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from hsae.atomic import write_safetensors
+from hsae.errors import HsaeError
+from hsae.interpret.collect import ExampleTables, histogram_edges
+from hsae.interpret.examples_db import FORMAT, FORMAT_VERSION, examples_path, read_meta, write_examples
+from hsae.interpret.rows import RowBlock, codes_to_csr
+from hsae.interpret.streams import TokenChunk
+from hsae.interpret.tokens import TokenText, normalise
+from hsae.interpret.unembed import logit_effects, unembedding
+
+
+@dataclass
+class ExamplesConfig:
+    tokens: int = 1_000_000  # rows to stream (fewer if the data ends first)
+    top: int = 20  # top activating contexts per latent
+    quantiles: int = 10  # activation quantiles ...
+    per_quantile: int = 5  # ... and examples from each
+    before: int = 10  # context tokens before the example's token
+    after: int = 5  # and after it
+    cofire: int = 10  # co-firing latents kept per latent
+    cofire_width: int = 32  # active latents recorded per sampled token (the first ones: TopK lists the strongest first)
+    random_contexts: int = 2048  # uniformly sampled windows (non-activating contexts for the scorers)
+    logit_tokens: int = 10  # promoted / suppressed tokens per latent (causal LMs)
+    batch_rows: int = 4096  # rows encoded at a time
+    seed: int = 0
+    checkpoint_seconds: float = 120.0
+
+    def validate(self) -> ExamplesConfig:
+        for name in ("tokens", "top", "quantiles", "per_quantile", "cofire_width", "random_contexts", "batch_rows"):
+            if getattr(self, name) <= 0:
+                raise HsaeError(f"examples: {name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("before", "after", "cofire", "logit_tokens"):
+            if getattr(self, name) < 0:
+                raise HsaeError(f"examples: {name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The settings the result depends on (not how often it checkpoints)."""
+        return {k: v for k, v in asdict(self).items() if k != "checkpoint_seconds"}
+
+
+@dataclass
+class ExamplesRun:
+    path: Path
+    rows: int
+    seconds: float
+    reused: bool = False  # an up-to-date file was already there
+    resumed_at: int = 0  # rows a checkpoint had already done
+
+
+def model_fingerprint(sae) -> str:
+    """Identifies the weights the examples were computed with (not a forest saved later)."""
+    digest = hashlib.sha256(json.dumps([sae.arch, sae.n_latents, sae.d_in]).encode())
+    for tensor in (sae.W_enc, sae.W_dec, sae.b_dec):
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_chunk(sae, chunk: TokenChunk, first_row: int, batch_rows: int) -> RowBlock:
+    device = sae.W_dec.device
+    offsets, latents, values = [torch.zeros(1, dtype=torch.long)], [], []
+    for start in range(0, chunk.activations.shape[0], batch_rows):
+        off, lat, val = codes_to_csr(sae.encode(chunk.activations[start : start + batch_rows].to(device)))
+        offsets.append(off[1:] + offsets[-1][-1])
+        latents.append(lat)
+        values.append(val)
+    m = chunk.activations.shape[0]
+    return RowBlock(
+        torch.arange(first_row, first_row + m),
+        chunk.token_ids.long(),
+        chunk.doc_ids.long(),
+        chunk.positions.long(),
+        torch.cat(offsets),
+        torch.cat(latents) if latents else torch.zeros(0, dtype=torch.long),
+        torch.cat(values) if values else torch.zeros(0),
+    )
+
+
+class ExamplesPass:
+    """Feeds encoded rows to the tables, holding back `after` rows until their right context has come,
+    and keeping `before` rows of left context."""
+
+    def __init__(self, sae, config: ExamplesConfig):
+        self.sae, self.cfg = sae, config
+        self.tables = ExampleTables(
+            sae.n_latents,
+            top=config.top,
+            sample=config.quantiles * config.per_quantile,
+            before=config.before,
+            after=config.after,
+            cofire_width=config.cofire_width,
+            contexts=config.random_contexts,
+            seed=config.seed,
+        )
+        self.left = RowBlock.empty()
+        self.pending = RowBlock.empty()
+        self.rows_read = 0
+
+    def feed(self, chunk: TokenChunk) -> None:
+        if chunk.activations.shape[1] != self.sae.d_in:
+            raise HsaeError(
+                f"the data has width {chunk.activations.shape[1]} but the model takes {self.sae.d_in}: "
+                "give the store or hook it was trained on"
+            )
+        block = encode_chunk(self.sae, chunk, self.rows_read, self.cfg.batch_rows)
+        self.rows_read += len(block)
+        buffer = RowBlock.cat([self.left, self.pending, block])
+        lo = len(self.left)
+        hi = max(lo, len(buffer) - self.cfg.after)
+        self.tables.add(buffer, lo, hi)
+        self.left = buffer.slice(max(0, hi - self.cfg.before), hi)
+        self.pending = buffer.slice(hi, len(buffer))
+
+    def finish(self) -> None:
+        buffer = RowBlock.cat([self.left, self.pending])
+        self.tables.add(buffer, len(self.left), len(buffer))
+        self.left, self.pending = buffer.slice(len(buffer), len(buffer)), RowBlock.empty()
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = self.tables.tensors()
+        out.update(self.left.tensors("left"))
+        out.update(self.pending.tensors("pending"))
+        out["rows_read"] = torch.tensor(self.rows_read)
+        return out
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        self.tables.load(tensors)
+        self.left = RowBlock.from_tensors(tensors, "left")
+        self.pending = RowBlock.from_tensors(tensors, "pending")
+        self.rows_read = int(tensors["rows_read"])
+
+
+# --- the finished tables, as rows of the examples file ------------------------------------------
+
+
+def _blob(array: Tensor, dtype: str) -> list[bytes]:
+    data = np.ascontiguousarray(array.numpy().astype(dtype))
+    return [row.tobytes() for row in data]
+
+
+def _example_rows(table, kind: str, quantiles: int | None = None) -> list[tuple]:
+    latents, slots = table.filled()
+    p = {name: value[latents, slots] for name, value in table.payload.items()}
+    if quantiles is None:  # by key, largest first
+        order = torch.arange(latents.numel())
+    else:  # by activation within each latent, lowest first
+        order = torch.argsort(p["value"], stable=True)
+        order = order[torch.argsort(latents[order], stable=True)]
+    latents = latents[order]
+    p = {name: value[order] for name, value in p.items()}
+    counts = torch.bincount(latents, minlength=table.n_latents)
+    rank = torch.arange(latents.numel()) - (counts.cumsum(0) - counts)[latents]
+    quantile = (rank * quantiles // counts[latents]).tolist() if quantiles else [None] * latents.numel()
+    columns = zip(
+        latents.tolist(),
+        rank.tolist(),
+        quantile,
+        p["value"].tolist(),
+        p["row"].tolist(),
+        p["doc"].tolist(),
+        p["position"].tolist(),
+        _blob(p["tokens"], "<i4"),
+        _blob(p["acts"], "<f4"),
+        strict=True,
+    )
+    return [(lat, kind, r, q, v, row, doc, pos, t, a) for lat, r, q, v, row, doc, pos, t, a in columns]
+
+
+def cofiring(tables: ExampleTables, top: int) -> list[list[list[float]]]:
+    """Per latent, up to `top` [latent j, P(j on | i on), lift P(j | i) / P(j)], ranked by how much more
+    often j fires with i than overall, from i's uniformly sampled firings (j seen at least twice)."""
+    n = tables.n_latents
+    coactive, filled = tables.sample.payload["coactive"], tables.sample.keys > -torch.inf
+    density = tables.fires.double() / max(tables.rows_seen, 1)
+    out: list[list[list[float]]] = []
+    step = max(1, (1 << 22) // max(n, 1))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        block = coactive[start:stop].long()
+        ok = (block >= 0) & filled[start:stop, :, None]
+        owner = torch.arange(stop - start)[:, None, None].expand_as(block)
+        counts = torch.bincount((owner * n + block)[ok], minlength=(stop - start) * n).view(stop - start, n)
+        counts[torch.arange(stop - start), torch.arange(start, stop)] = 0
+        samples = filled[start:stop].sum(1).clamp_min(1).double()
+        p = counts.double() / samples[:, None]
+        excess = torch.where(counts >= 2, p - density[None, :], torch.full_like(p, -torch.inf))
+        k = min(top, n)
+        best = excess.topk(k, dim=1)
+        for i in range(stop - start):
+            keep = best.values[i] > -torch.inf
+            js = best.indices[i][keep]
+            out.append(
+                [[int(j), round(float(p[i, j]), 4), round(float(p[i, j] / max(density[j], 1e-12)), 2)] for j in js]
+            )
+    return out
+
+
+def _token_index(rows: list[tuple], pieces: dict[int, str]) -> list[tuple]:
+    """(token, latent, times) for the tokens each latent is active on in its top examples."""
+    counts: dict[tuple[str, int], int] = {}
+    for latent, _kind, _rank, _q, _v, _row, _doc, _pos, tokens, acts in rows:
+        ids, values = np.frombuffer(tokens, dtype="<i4"), np.frombuffer(acts, dtype="<f4")
+        for t in ids[(values != 0) & (ids >= 0)].tolist():
+            key = (normalise(pieces.get(t, "")), latent)
+            if key[0]:
+                counts[key] = counts.get(key, 0) + 1
+    return [(token, latent, n) for (token, latent), n in counts.items()]
+
+
+def write_result(path: Path, run: ExamplesPass, meta: dict[str, Any], loaded) -> None:
+    tables, cfg = run.tables, run.cfg
+    n = tables.n_latents
+    top = _example_rows(tables.top, "top")
+    bottom = _example_rows(tables.bottom, "bottom") if tables.bottom is not None else []
+    quantile = _example_rows(tables.sample, "quantile", quantiles=cfg.quantiles)
+    latents, slots = tables.contexts.filled()
+    contexts = [
+        (i, row, t, a)
+        for i, (row, t, a) in enumerate(
+            zip(
+                tables.contexts.payload["row"][latents, slots].tolist(),
+                _blob(tables.contexts.payload["tokens"][latents, slots], "<i4"),
+                _blob(tables.contexts.payload["active"][latents, slots], "<i4"),
+                strict=True,
+            )
+        )
+    ]
+
+    text = TokenText(loaded.tokenizer)
+    shown = [table.payload["tokens"].reshape(-1) for table in tables.tables().values()]
+    seen = set(torch.cat([tables.token_counts.nonzero().squeeze(1), *shown]).unique().tolist())
+    seen.discard(-1)
+    counts = tables.token_counts.tolist()
+    pieces = text.pieces(seen)
+    vocab = [(t, pieces[t], counts[t] if t < len(counts) else 0) for t in sorted(seen)]
+
+    effects = None
+    w_u = unembedding(loaded, run.sae.d_in) if cfg.logit_tokens else None
+    if w_u is not None:
+        effects = [e.tolist() for e in logit_effects(run.sae.W_dec.detach(), w_u, cfg.logit_tokens)]
+        meta["logit_lens"] = True
+    firing = tables.fires.tolist()
+    density = (tables.fires.double() / max(tables.rows_seen, 1)).tolist()
+    max_act = torch.full((n,), float("nan"))
+    lat, slots = tables.top.filled()
+    max_act.scatter_reduce_(0, lat, tables.top.keys[lat, slots], "amax", include_self=False)
+    min_act = torch.full((n,), float("nan"))
+    if tables.bottom is not None:
+        lat, slots = tables.bottom.filled()
+        min_act.scatter_reduce_(0, lat, -tables.bottom.keys[lat, slots], "amin", include_self=False)
+    cofire = cofiring(tables, cfg.cofire)
+    hist = tables.hist.tolist()
+
+    def as_pairs(ids: list[list[int]], by: list[list[float]]) -> list[str]:
+        return [json.dumps([[t, round(v, 4)] for t, v in zip(i, b, strict=True)]) for i, b in zip(ids, by, strict=True)]
+
+    promoted = as_pairs(effects[0], effects[1]) if effects else [None] * n
+    suppressed = as_pairs(effects[2], effects[3]) if effects else [None] * n
+    features = [
+        (
+            i,
+            firing[i],
+            density[i],
+            None if max_act[i].isnan() else float(max_act[i]),
+            None if min_act[i].isnan() else float(min_act[i]),
+            json.dumps(hist[i]),
+            json.dumps(cofire[i]),
+            promoted[i],
+            suppressed[i],
+        )
+        for i in range(n)
+    ]
+    meta.update(
+        rows=tables.rows_seen,
+        histogram_edges=histogram_edges(),
+        window={"before": cfg.before, "after": cfg.after},
+    )
+    write_examples(path, meta, features, top + bottom + quantile, contexts, vocab, _token_index(top, pieces))
+
+
+# --- the command's work -----------------------------------------------------------------------
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["state"])
+            return {key: fh.get_tensor(key) for key in fh.keys()}, meta
+    except Exception:  # a damaged checkpoint is only lost work: start again
+        return None
+
+
+def build_examples(
+    sae,
+    model_dir: str | Path,
+    stream,
+    config: ExamplesConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExamplesRun:
+    """Run the examples pass of `sae` over `stream` (`hsae.interpret.streams`) into `out` (default
+    DIR/examples.sqlite). An up-to-date file is kept (unless `force`); a checkpoint of the same
+    settings is resumed."""
+    cfg = (config or ExamplesConfig()).validate()
+    path = Path(out) if out is not None else examples_path(model_dir)
+    identity = {"config": cfg.identity(), "data": stream.describe(), "model": model_fingerprint(sae)}
+    existing = read_meta(path)
+    if not force and existing is not None and existing.get("identity") == identity:
+        return ExamplesRun(path, int(existing.get("rows", 0)), 0.0, reused=True)
+    checkpoint = path.with_name(path.name + ".partial")
+    run = ExamplesPass(sae, cfg)
+    place: Any = None
+    saved = _read_checkpoint(checkpoint)
+    if saved is not None and saved[1].get("identity") == identity:
+        run.load(saved[0])
+        place = saved[1]["place"]
+    resumed_at = run.rows_read
+    limit = cfg.tokens if stream.total_rows is None else min(cfg.tokens, stream.total_rows)
+    t0 = last_save = time.monotonic()
+    if progress is not None:
+        progress(run.rows_read, limit)
+    for chunk in stream.chunks(place) if run.rows_read < limit else ():
+        take = limit - run.rows_read
+        if chunk.activations.shape[0] > take:
+            chunk = TokenChunk(
+                chunk.activations[:take], chunk.token_ids[:take], chunk.doc_ids[:take], chunk.positions[:take], None
+            )
+        run.feed(chunk)
+        place = chunk.place
+        if progress is not None:
+            progress(run.rows_read, limit)
+        if run.rows_read >= limit:
+            break
+        if time.monotonic() - last_save >= cfg.checkpoint_seconds:
+            write_safetensors(
+                checkpoint, run.tensors(), metadata={"state": json.dumps({"identity": identity, "place": place})}
+            )
+            last_save = time.monotonic()
+    if run.rows_read == 0:
+        raise HsaeError("the examples pass found no rows: the data is empty")
+    run.finish()
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "identity": identity,
+        "n_latents": sae.n_latents,
+        "arch": sae.arch,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_result(path, run, meta, stream.load_model())
+    checkpoint.unlink(missing_ok=True)
+    return ExamplesRun(path, run.rows_read, time.monotonic() - t0, resumed_at=resumed_at)
