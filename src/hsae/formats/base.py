@@ -38,4 +38,3 @@ class ExportMeta:
     hook_name: str | None = None  # TransformerLens-style name where known (SAELens's convention)
     hf_hook_name: str | None = None  # the transformers module path hsae hooked
     hsae_version: str = ""
-    notes: list[str] = field(default_factory=list)

@@ -53,8 +53,11 @@ def _format_of(resolved: Resolved, fmt: str | None) -> str:
     return fmt
 
 
-def import_sae(source: str | Path, fmt: str | None = None, cache_dir: str | Path | None = None) -> Imported:
-    """The hsae model of the SAE at `source` (any format hsae reads; "hsae" folders load as they are)."""
+def import_sae(
+    source: str | Path, fmt: str | None = None, cache_dir: str | Path | None = None, checksums: bool = True
+) -> Imported:
+    """The hsae model of the SAE at `source` (any format hsae reads; "hsae" folders load as they are).
+    `checksums` records the sha256 of every file read (large dictionaries take a second per GB)."""
     from hsae import __version__
 
     resolved = resolve(source, cache_dir)
@@ -73,7 +76,7 @@ def import_sae(source: str | Path, fmt: str | None = None, cache_dir: str | Path
         "format": fmt,
         **where,
         "architecture": foreign.architecture,
-        "files": {os.path.relpath(p, foreign.folder): sha256(p) for p in foreign.files},
+        "files": {os.path.relpath(p, foreign.folder): sha256(p) if checksums else None for p in foreign.files},
         "model_name": foreign.model_name,
         "hook_name": foreign.hook_name,
         "notes": foreign.flat.notes,
@@ -87,7 +90,7 @@ def import_sae(source: str | Path, fmt: str | None = None, cache_dir: str | Path
 
 def load(source: str | Path, device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> SAE:
     """Any SAE hsae reads, as a model: an hsae folder, another library's files, or a hub name."""
-    return import_sae(source, cache_dir=cache_dir).model.to(device)
+    return import_sae(source, cache_dir=cache_dir, checksums=False).model.to(device)
 
 
 def import_to_folder(

@@ -111,7 +111,7 @@ def _k(state: dict[str, torch.Tensor]) -> int:
 
 
 def _threshold(state: dict[str, torch.Tensor], cls: str, weights: Path) -> torch.Tensor:
-    threshold = state["threshold"].double().reshape(())
+    threshold = state["threshold"].float().reshape(())
     if float(threshold) < 0:
         raise HsaeError(
             f"{weights}: the {cls} threshold is {float(threshold):g}, never set by training; dictionary_learning "
@@ -125,28 +125,28 @@ def _flat_of(cls: str, state: dict[str, torch.Tensor], weights: Path) -> FlatSAE
         require(state, ("encoder.bias",), weights)
         return FlatSAE(
             kind="relu",
-            W_enc=state["encoder.weight"].double().T,
+            W_enc=state["encoder.weight"].float().T,
             b_enc=state["encoder.bias"],
-            W_dec=state["decoder.weight"].double().T,
+            W_dec=state["decoder.weight"].float().T,
             b_dec=state["bias"],
         )
     if cls == "AutoEncoderNew":
         require(state, ("encoder.bias",), weights)
-        W_enc, b_dec = state["encoder.weight"].double().T, state["decoder.bias"]
+        W_enc, b_dec = state["encoder.weight"].float().T, state["decoder.bias"]
         return FlatSAE(
             kind="relu",
             W_enc=W_enc,
             b_enc=subtract_b_dec_first(W_enc, state["encoder.bias"], b_dec),
-            W_dec=state["decoder.weight"].double().T,
+            W_dec=state["decoder.weight"].float().T,
             b_dec=b_dec,
             notes=["AutoEncoderNew has no input bias: decoder.bias @ W_enc added to b_enc"],
         )
     if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
         require(state, ("encoder.bias", "decoder.weight"), weights)
         common: dict[str, Any] = {
-            "W_enc": state["encoder.weight"].double().T,
+            "W_enc": state["encoder.weight"].float().T,
             "b_enc": state["encoder.bias"],
-            "W_dec": state["decoder.weight"].double().T,
+            "W_dec": state["decoder.weight"].float().T,
             "b_dec": state["b_dec"],
             "k": _k(state),
         }
@@ -174,7 +174,7 @@ def _flat_of(cls: str, state: dict[str, torch.Tensor], weights: Path) -> FlatSAE
             b_enc=subtract_b_dec_first(state["W_enc"], state["b_enc"], state["b_dec"]),
             W_dec=state["W_dec"],
             b_dec=state["b_dec"],
-            threshold=state["threshold"].double(),
+            threshold=state["threshold"].float(),
             notes=["JumpReluAutoEncoder does not subtract b_dec from its input: b_dec @ W_enc added to b_enc"],
         )
     raise HsaeError(

@@ -11,8 +11,8 @@ What hsae's flat families compute, written without input scaling:
 
 Importers turn a foreign file into a `FlatSAE`, exporters write one out; `from_model` folds an hsae
 model's input_scale into the weights and `to_model` builds an ordinary hsae model from one. Tensors
-are held in float64 so that folding scales and biases adds no rounding of its own; models and files
-are written in float32.
+are held in float32, as hsae's models are (folding a scale or a bias rounds once, ~1e-7 relative;
+float64 copies of a large dictionary would not fit in memory).
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ class FlatSAE:
 
     def __post_init__(self) -> None:
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = (
-            t.detach().to(torch.float64).cpu() for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+            t.detach().to(torch.float32).cpu() for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         )
         if self.threshold is not None:
-            self.threshold = self.threshold.detach().to(torch.float64).cpu()
+            self.threshold = self.threshold.detach().to(torch.float32).cpu()
+        if self.W_enc.dim() != 2:
+            raise HsaeError(f"W_enc has shape {tuple(self.W_enc.shape)}; expected a matrix (d_in, n_latents)")
         d, m = self.W_enc.shape
         shapes = {"W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
         for name, shape in shapes.items():
@@ -66,8 +68,9 @@ class FlatSAE:
             raise HsaeError(f"no flat SAE kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.kind in THRESHOLD_KINDS and self.threshold is None:
             raise HsaeError(f"a {self.kind} SAE needs a threshold")
-        if self.kind == "jumprelu" and tuple(self.threshold.shape) != (m,):  # type: ignore[union-attr]
-            raise HsaeError(f"threshold has shape {tuple(self.threshold.shape)}, expected ({m},)")  # type: ignore[union-attr]
+        expected = (m,) if self.kind == "jumprelu" else ()
+        if self.threshold is not None and tuple(self.threshold.shape) != expected:
+            raise HsaeError(f"threshold has shape {tuple(self.threshold.shape)}, expected {expected}")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             value = getattr(self, name)
             if value is not None and not bool(torch.isfinite(value).all()):
@@ -81,23 +84,20 @@ class FlatSAE:
     def n_latents(self) -> int:
         return self.W_enc.shape[1]
 
-    def decoder_norms(self) -> Tensor:
-        return self.W_dec.norm(dim=1)
-
 
 def subtract_b_dec_first(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
     """The b_enc that gives, with b_dec subtracted from the input first, the pre-activations
     x @ W_enc + b_enc of an encoder that does not subtract it (SAELens apply_b_dec_to_input=false,
     Gemma Scope, dictionary_learning's JumpReLU)."""
-    return b_enc.double() + b_dec.double() @ W_enc.double()
+    return b_enc.float() + b_dec.float() @ W_enc.float()
 
 
 def fold_decoder_norms(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Unit decoder rows, with each row's norm moved into its encoder column and bias: for an SAE
     whose codes are defined as pre * ||W_dec_i|| and decoded with W_dec_i / ||W_dec_i|| (SAELens's
     rescale_acts_by_decoder_norm), the same codes and reconstructions."""
-    norms = W_dec.double().norm(dim=1).clamp_min(1e-12)
-    return W_enc.double() * norms, b_enc.double() * norms, W_dec.double() / norms[:, None]
+    norms = W_dec.float().norm(dim=1).clamp_min(1e-12)
+    return W_enc.float() * norms, b_enc.float() * norms, W_dec.float() / norms[:, None]
 
 
 # Families no foreign format can hold: their encoders are not one of the flat forms above.
@@ -138,10 +138,10 @@ def from_model(model: SAE) -> FlatSAE:
             widths = family_model.config.fixed_bounds()[1:]
     return FlatSAE(
         kind=kind,
-        W_enc=model.W_enc.detach().double() * s,
-        b_enc=model.b_enc.detach().double(),
-        W_dec=model.W_dec.detach().double() / s,
-        b_dec=model.b_dec.detach().double() / s,
+        W_enc=model.W_enc.detach().float() * s,
+        b_enc=model.b_enc.detach().float(),
+        W_dec=model.W_dec.detach().float() / s,
+        b_dec=model.b_dec.detach().float() / s,
         k=model.config.k,
         threshold=threshold,
         widths=widths,
@@ -159,7 +159,7 @@ def _take_saved_family(flat: FlatSAE, saved: dict[str, Any] | None) -> None:
         return
     family = get_family(saved["arch"])
     config: Any = from_dict(family.config_class, saved, what=f"{SIDECAR_NAME} sae config")
-    flat.kind, flat.k, flat.threshold = saved["arch"], config.k, torch.tensor(value, dtype=torch.float64)
+    flat.kind, flat.k, flat.threshold = saved["arch"], config.k, torch.tensor(value, dtype=torch.float32)
     if flat.kind == "matryoshka":
         flat.widths = config.fixed_bounds()[1:]
     flat.notes.append(f"a JumpReLU with one threshold for all latents, as hsae's {flat.kind} is: read as {flat.kind}")
@@ -229,10 +229,10 @@ def uniform_value(t: Tensor) -> float | None:
 
 
 def is_unit_norm(W_dec: Tensor, tol: float = 1e-4) -> bool:
-    norms = W_dec.double().norm(dim=1)
+    norms = W_dec.float().norm(dim=1)
     return bool(((norms - 1).abs() <= tol).all())
 
 
 def describe_norms(W_dec: Tensor) -> str:
-    norms = W_dec.double().norm(dim=1)
+    norms = W_dec.float().norm(dim=1)
     return f"{float(norms.min()):.4g} to {float(norms.max()):.4g}"

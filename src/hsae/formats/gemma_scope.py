@@ -48,7 +48,7 @@ def read(path: Path) -> Foreign:
     missing = [name for name in _ARRAYS if name not in arrays]
     if missing:
         raise HsaeError(f"{weights} lacks {', '.join(missing)} (it holds {', '.join(sorted(arrays))})")
-    t = {name: torch.from_numpy(arrays[name].astype(np.float64)) for name in _ARRAYS}
+    t = {name: torch.from_numpy(arrays[name].astype(np.float32)) for name in _ARRAYS}
     flat = FlatSAE(
         kind="jumprelu",
         W_enc=t["W_enc"],
@@ -62,7 +62,7 @@ def read(path: Path) -> Foreign:
 
 
 def write(flat: FlatSAE, out: Path, meta: ExportMeta) -> list[Path]:
-    threshold = torch.zeros(flat.n_latents, dtype=torch.float64) if flat.threshold is None else flat.threshold
+    threshold = torch.zeros(flat.n_latents, dtype=torch.float32) if flat.threshold is None else flat.threshold
     arrays = {
         "W_enc": flat.W_enc,
         "W_dec": flat.W_dec,

@@ -103,7 +103,7 @@ def read(path: Path) -> Foreign:
         )
     state = read_safetensors(weights_path)
     require(state, ("W_enc", "b_enc", "W_dec", "b_dec"), weights_path)
-    W_enc, b_enc, W_dec, b_dec = (state[n].double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    W_enc, b_enc, W_dec, b_dec = (state[n].float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     notes: list[str] = []
     if norm == "expected_average_only_in":
         notes.append(
@@ -111,8 +111,10 @@ def read(path: Path) -> Foreign:
             "a hub release's norm scaling factor, if it has one, is not in the folder"
         )
     if "scaling_factor" in state and not bool((state["scaling_factor"] == 1).all()):
-        W_dec = W_dec * state["scaling_factor"].double()[:, None]
+        W_dec = W_dec * state["scaling_factor"].float()[:, None]
         notes.append("finetuning scaling_factor folded into W_dec")
+    if cfg.get("reshape_activations") == "hook_z":
+        notes.append("reshape_activations=hook_z: hsae takes the heads flattened, (n_heads * d_head) per token")
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = subtract_b_dec_first(W_enc, b_enc, b_dec)
         notes.append("apply_b_dec_to_input=false: b_dec @ W_enc added to b_enc")
@@ -146,16 +148,16 @@ def _flat_of(arch, cfg, meta, state, W_enc, b_enc, W_dec, b_dec, notes, weights_
         return FlatSAE(kind="topk", k=_k(cfg.get("k"), weights_path), **common)
     if arch in ("batchtopk", "matryoshka_batchtopk"):  # training form: the running threshold buffer
         require(state, ("topk_threshold",), weights_path)
-        threshold = state["topk_threshold"].double().reshape(())
+        threshold = state["topk_threshold"].float().reshape(())
         return _batchtopk(arch, cfg, threshold, common, weights_path)
     require(state, ("threshold",), weights_path)
-    threshold = state["threshold"].double()
+    threshold = state["threshold"].float()
     training = meta.get("training_architecture")
     value = uniform_value(threshold)
     if training in ("batchtopk", "matryoshka_batchtopk"):
         if value is not None:
             details = meta.get("training_architecture_details") or {}
-            return _batchtopk(training, details, torch.tensor(value, dtype=torch.float64), common, weights_path)
+            return _batchtopk(training, details, torch.tensor(value, dtype=torch.float32), common, weights_path)
         notes.append(f"trained as {training}, but its thresholds differ per latent: read as JumpReLU")
     return FlatSAE(kind="jumprelu", threshold=threshold, **common)
 

@@ -53,7 +53,7 @@ def read(path: Path) -> Foreign:
         raise HsaeError(f"{cfg_path}: k is {k!r}; expected a positive integer")
     flat = FlatSAE(
         kind="topk",
-        W_enc=state["encoder.weight"].double().T,
+        W_enc=state["encoder.weight"].float().T,
         b_enc=state["encoder.bias"],
         W_dec=state["W_dec"],
         b_dec=state["b_dec"],
