@@ -2,14 +2,18 @@
 `hsae eval` like a trained one."""
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import hsae
 from hsae.cli import main
+from hsae.config import from_dict
+from hsae.models import get_family
 from hsae.models.codes import to_dense
 
 DATA = Path(__file__).parent / "data" / "formats"
@@ -74,3 +78,27 @@ def test_push_uploads_the_model_files(tmp_path, monkeypatch, capsys):
     assert calls[1][:3] == ("upload", "me/topk", ["config.json", "weights.safetensors"])
     assert calls[3][2] == ["cfg.json", "hsae.json", "sae_weights.safetensors"] and calls[3][3]["path_in_repo"] == "l0"
     assert "https://huggingface.co/me/topk/commit/abc" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_eval_and_examples_on_an_imported_saelens_sae(tmp_path):
+    """An SAELens SAE for MiniLM's encoder.layer.3 (384 wide), imported, goes through `hsae eval` and
+    `hsae examples` on a store harvested here, as a trained model does."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence {i} is about rivers, stone and music at dawn." for i in range(60)) + "\n")
+    store = tmp_path / "store"
+    assert main(["harvest", "--out", str(store), "--tokens", "600", "--corpus", str(corpus)]) == 0
+    family = get_family("topk")
+    config = from_dict(family.config_class, {"arch": "topk", "d_in": 384, "n_latents": 64, "k": 4, "input_scale": 0.2})
+    torch.manual_seed(0)
+    family.from_config(config).save(tmp_path / "trained")
+    assert main(["export", str(tmp_path / "trained"), str(tmp_path / "saelens"), "--to", "saelens"]) == 0
+    (tmp_path / "saelens" / "hsae.json").unlink()  # as a folder from another library: no hsae sidecar
+    assert main(["import", str(tmp_path / "saelens"), str(tmp_path / "m")]) == 0
+    assert main(["eval", str(tmp_path / "m"), "--data", str(store), "--tokens", "512", "-m", "core"]) == 0
+    assert json.loads((tmp_path / "m" / "eval" / "report.json").read_text())["sections"]["core"]["l0"] <= 4
+    assert main(["examples", str(tmp_path / "m"), "--data", str(store), "--tokens", "600", "--top", "3"]) == 0
+    with sqlite3.connect(tmp_path / "m" / "examples.sqlite") as db:
+        n_features, fires = db.execute("SELECT COUNT(*), SUM(fires) FROM features").fetchone()
+        n_top = db.execute("SELECT COUNT(*) FROM examples WHERE kind = 'top'").fetchone()[0]
+    assert n_features == 64 and fires > 0 and n_top > 0
