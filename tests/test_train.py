@@ -75,15 +75,38 @@ def _train_args(out, *extra):
     ]
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
-def test_resumed_run_equals_uninterrupted(tmp_path, arch):
+# Every family, with its defaults, plus options that keep state across steps (sampled groups draw
+# from the checkpointed RNG; tree's re-parenting counts are training state; forest's hierarchy
+# updates and coefficient controllers; relu/jumprelu's L0 controller; mp's adaptive stop).
+RESUME_CASES = [(name, []) for name in sorted(hsae.families())] + [
+    ("matryoshka", ["sampled_groups=true"]),
+    # the first re-parenting event at step 18 moves children by the counts of steps 1-18, which span
+    # the checkpoint at step 10
+    ("tree", ["selection=pool", "reparent=true", "capacity_mode=row", "realloc_first=0.3", "realloc_max=0.6",
+              "realloc_stop=0.9", "reparent_min_coverage=0.2"]),
+    ("forest", ["activation=topk", "level_fractions=1,3"]),
+    ("mp", ["adaptive_stop=true"]),
+]
+# Family options the tiny model needs (widths that split into its groups, k within them).
+SIZE_OPTIONS = {"h-sae": ["m_low=3", "subspace_dim=2"], "forest": ["level_fractions=1,3"]}
+
+
+@pytest.mark.parametrize(
+    "arch,options", RESUME_CASES, ids=[f"{a}" + ("-" + "-".join(o) if o else "") for a, o in RESUME_CASES]
+)
+def test_resumed_run_equals_uninterrupted(tmp_path, arch, options):
     def args(out, *extra):
         a = _train_args(out, *extra)
         a[a.index("topk")] = arch
+        if arch == "h-sae":
+            a[a.index("64")] = "68"  # n_top 17 experts of 1 + m_low = 4 latents
+        for opt in dict.fromkeys(SIZE_OPTIONS.get(arch, []) + options):
+            a += ["-o", opt]
         return a
 
     assert main(args(tmp_path / "full")) == 0
-    assert main(args(tmp_path / "cut", "--stop-after", "40")) == 0  # stops right after a checkpoint
+    stop = ["--checkpoint-every", "10", "--stop-after", "10"] if "reparent=true" in options else ["--stop-after", "20"]
+    assert main(args(tmp_path / "cut", *stop)) == 0  # stops right after a checkpoint
     assert main(args(tmp_path / "cut", "--resume")) == 0
     full = load_file(tmp_path / "full" / "weights.safetensors")
     cut = load_file(tmp_path / "cut" / "weights.safetensors")
@@ -92,6 +115,19 @@ def test_resumed_run_equals_uninterrupted(tmp_path, arch):
         assert torch.equal(full[key], cut[key]), key
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40, 50, 60]
+
+
+def test_tree_reparenting_counts_are_checkpointed(tmp_path):
+    """The counts Tree SAE re-parents from are in the checkpoint (they span checkpoints), not lost."""
+    from safetensors import safe_open
+
+    a = _train_args(tmp_path / "t", "--stop-after", "20")
+    a[a.index("topk")] = "tree"
+    a += ["-o", "reparent=true", "-o", "selection=pool"]
+    assert main(a) == 0
+    with safe_open(str(tmp_path / "t" / "checkpoint.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+    assert {"family.coactivation_keys", "family.coactivation_counts", "family.fire_count"} <= keys
 
 
 def test_killed_process_resumes_to_the_same_weights(tmp_path):

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
 from hsae.errors import HsaeError
@@ -206,14 +206,3 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return DEFAULT_LR_AT_16K / math.sqrt(n_latents / 2**14)
-
-
-@dataclass
-class RunRecord:
-    """Everything saved in config.json: the model, how it was trained and on what."""
-
-    sae: dict[str, Any]
-    train: dict[str, Any] | None = None
-    data: dict[str, Any] | None = None
-    hsae_version: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -76,6 +76,7 @@ def tree(
     from hsae.interpret.forest import ForestOptions, extract_forest, has_builtin_hierarchy
     from hsae.models import load
     from hsae.models.base import read_config
+    from hsae.models.codes import encode_rows
     from hsae.sources import open_source
 
     sae = load(directory)
@@ -102,8 +103,9 @@ def tree(
         else:
             x = source.sample(n_samples)
     fire_counts = None
+    codes = encode_rows(sae, x) if x is not None else None
     if x is not None and (extract or not builtin):
-        found = extract_forest(sae, x, ForestOptions(min_coverage, min_cosine, min_fires))
+        found = extract_forest(sae, x, ForestOptions(min_coverage, min_cosine, min_fires), codes=codes)
         parents, fire_counts = found.parents, found.fire_counts
         how = f"extracted post hoc (coverage >= {min_coverage}, cosine >= {min_cosine}) on {x.shape[0]} rows"
     else:
@@ -117,14 +119,11 @@ def tree(
         "statistics: "
         + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.as_dict().items())
     )
-    if x is not None:
-        from hsae.eval.hierarchy import active_mask
-
-        active = active_mask(sae, x)
-        typer.echo(f"parent coverage P(parent on | child on): {parent_coverage(parents, active):.3f}")
+    if x is not None and codes is not None:
+        typer.echo(f"parent coverage P(parent on | child on): {parent_coverage(parents, codes):.3f}")
         if truth is not None and hasattr(source, "forest"):
             rep = hierarchy_report(
-                sae, x, truth.true_acts, source.forest.directions, source.forest.parents, parents=parents, active=active
+                sae, x, truth.true_acts, source.forest.directions, source.forest.parents, parents=parents, codes=codes
             )
             typer.echo(
                 f"against the true forest: absorption {rep['absorption']:.3f}, edge precision "

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from hsae.eval.run import EvalContext, Skip, evaluator
 from hsae.eval.splice import BaseModel, base_model_for
-from hsae.models.codes import to_dense
+from hsae.models.codes import Codes, as_sparse, encode_rows
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = "{word} has the first letter:"
@@ -182,9 +182,9 @@ def train_logistic(
 
 
 def main_latents(
-    codes_train: Tensor,
+    codes_train: Codes,
     y_train: Tensor,
-    codes_test: Tensor,
+    codes_test: Codes,
     y_test: Tensor,
     *,
     max_k: int = DEFAULT_MAX_K,
@@ -192,18 +192,21 @@ def main_latents(
     l1: float = 0.01,
     steps: int = 300,
 ) -> tuple[list[list[int]], Tensor]:
-    """SAEBench's k-sparse probing (module docstring, step 2). codes (n, m) dense; y (n, c) bool.
-    Returns the main latents per column and the F1 table (c, max_k) on the test rows."""
-    scale = codes_train[codes_train != 0].abs().mean().clamp_min(1e-12) if (codes_train != 0).any() else 1.0
-    xs = (codes_train / scale).to_sparse()
+    """SAEBench's k-sparse probing (module docstring, step 2). codes (n, m), sparse or dense; y (n, c)
+    bool. Returns the main latents per column and the F1 table (c, max_k) on the test rows."""
+    train, test = as_sparse(codes_train).to("cpu"), as_sparse(codes_test).to("cpu")
+    active = train.csr().values
+    scale = active.abs().mean().clamp_min(1e-12) if active.numel() else 1.0
+    xs = train.to_torch_sparse() / scale
     W, _ = train_logistic(xs, y_train, steps=steps, l1=l1, weight_decay=0.0)
     c = y_train.shape[1]
     ranked = W.topk(max_k, dim=1).indices  # (c, max_k): by weight, not |weight| (predict the label)
+    # the ranked latents' columns only: (n, c, max_k)
+    ranked_train = (train.columns(ranked.reshape(-1)) / scale).view(-1, c, max_k)
+    ranked_test = (test.columns(ranked.reshape(-1)) / scale).view(-1, c, max_k)
     f1 = torch.zeros(c, max_k)
     for k in range(1, max_k + 1):
-        ids = ranked[:, :k]  # (c, k)
-        xtr = (codes_train / scale)[:, ids]  # (n, c, k)
-        xte = (codes_test / scale)[:, ids]
+        xtr, xte = ranked_train[:, :, :k], ranked_test[:, :, :k]  # (n, c, k)
         w, b = _train_batched(xtr, y_train.float(), steps=steps)
         pred = (xte * w).sum(-1) + b > 0  # (n_test, c)
         f1[:, k - 1] = f1_scores(pred, y_test)
@@ -341,11 +344,6 @@ def letter_data(base: BaseModel, n_words: int = DEFAULT_WORDS, seed: int = 0, st
 
 
 # ----- the evaluator ------------------------------------------------------------------------------
-def _dense_codes(sae, x: Tensor, batch: int = 4096) -> Tensor:
-    with torch.no_grad():
-        return torch.cat([to_dense(sae.encode(x[i : i + batch])).float().cpu() for i in range(0, len(x), batch)])
-
-
 def _figures(ctx: EvalContext, metrics: dict[str, Any]) -> list[tuple[str, str]]:
     rows = metrics.get("per_letter") or []
     if not rows:
@@ -376,16 +374,17 @@ def absorption(ctx: EvalContext) -> dict[str, Any]:
     steps = int(opts.get("absorption_steps", 300))
     data = letter_data(base, n_words, int(opts.get("seed", 0)), steps)
     sae = ctx.model
-    codes = _dense_codes(sae, data.x)
+    codes = encode_rows(sae, data.x, 4096)
     y = F.one_hot(data.labels, len(LETTERS)).bool()
     train, test = data.train, ~data.train
+    codes_test = codes.select_rows(test)
     mains, k_f1 = main_latents(
-        codes[train], y[train], codes[test], y[test], max_k=min(max_k, sae.n_latents), steps=steps
+        codes.select_rows(train), y[train], codes_test, y[test], max_k=min(max_k, sae.n_latents), steps=steps
     )
     with torch.no_grad():
         W_dec = sae.W_dec.detach().float().cpu()
     scale = float(sae.config.input_scale)
-    x_test, codes_test, labels_test = data.x[test], codes[test], data.labels[test]
+    x_test, labels_test = data.x[test], data.labels[test]
     probe_scores = x_test @ data.probe_w.T + data.probe_b
     rows, skipped = [], {}
     for li, letter in enumerate(LETTERS):
@@ -400,7 +399,7 @@ def absorption(ctx: EvalContext) -> dict[str, Any]:
         p = F.normalize(data.probe_w[li], dim=0)
         dec_dot = W_dec @ p
         probe_cos = dec_dot / W_dec.norm(dim=1).clamp_min(1e-12)
-        c = codes_test[tp]
+        c = codes_test.select_rows(tp).dense()  # this letter's probe true positives only
         result = absorption_scores(x_test[tp] @ p, c, c * dec_dot[None, :] / scale, probe_cos, mains[li])
         silent = int(result.main_silent.sum())
         full = int(result.full.sum())

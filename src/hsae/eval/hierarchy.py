@@ -35,6 +35,7 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.eval.groundtruth import best_match_cosines
+from hsae.models.codes import Codes, as_sparse, encode_rows
 
 
 # ----- forest structure ---------------------------------------------------------------------------
@@ -143,11 +144,14 @@ class Absorption:
     pairs: int  # (edge, sample) pairs with both true features on
 
 
-def absorption(active: Tensor, true_acts: Tensor, true_parents: Tensor, latent_of: Tensor) -> Absorption:
-    """`active`: (n, n_latents) bool, which latents fire on each sample; `true_acts`: (n, n_features)."""
-    active = active.bool().cpu()
+def absorption(codes: Codes, true_acts: Tensor, true_parents: Tensor, latent_of: Tensor) -> Absorption:
+    """`codes`: the model's codes of the samples (sparse, or a dense (n, n_latents) activity mask);
+    `true_acts`: (n, n_features)."""
     on = (true_acts != 0).cpu()
     latent_of = torch.as_tensor(latent_of, dtype=torch.long).cpu()
+    # activity of the latents that are some true feature's image only, (n, n_features)
+    active = as_sparse(codes).to("cpu").columns(latent_of) != 0
+    column = torch.arange(latent_of.numel())
     edges = true_edges(true_parents)
     absorbed = fired = pairs = 0
     for p, c in edges.tolist():
@@ -156,13 +160,13 @@ def absorption(active: Tensor, true_acts: Tensor, true_parents: Tensor, latent_o
         if n_both == 0:
             continue
         pairs += n_both
-        child_fires = both & active[:, latent_of[c]]
+        child_fires = both & active[:, column[c]]
         n_fire = int(child_fires.sum())
         fired += n_fire
         if latent_of[p] == latent_of[c]:
             absorbed += n_fire
         else:
-            absorbed += int((child_fires & ~active[:, latent_of[p]]).sum())
+            absorbed += int((child_fires & ~active[:, column[p]]).sum())
     return Absorption(
         rate=absorbed / fired if fired else float("nan"),
         child_silent=1 - fired / pairs if pairs else float("nan"),
@@ -170,34 +174,36 @@ def absorption(active: Tensor, true_acts: Tensor, true_parents: Tensor, latent_o
     )
 
 
-def parent_coverage(parents: Tensor, active: Tensor) -> float:
+def parent_cofiring(parents: Tensor, codes: Codes) -> tuple[Tensor, Tensor]:
+    """(fires (m,), fires_with_parent (m,)): per latent, the rows where it is active and those where
+    its parent is active too (0 for latents without a parent), from sparse codes (or a dense
+    activity mask) without a (rows x latents) tensor."""
+    parents = torch.as_tensor(parents, dtype=torch.long).cpu()
+    csr = as_sparse(codes).to("cpu").csr()
+    rows, lat = csr.row_ids(), csr.indices
+    m = parents.numel()
+    fires = torch.bincount(lat, minlength=m)
+    par = parents[lat]
+    has = par >= 0
+    both = csr.contains(rows[has], par[has])
+    return fires, torch.bincount(lat[has][both], minlength=m)
+
+
+def parent_coverage(parents: Tensor, codes: Codes) -> float:
     """Mean over reported edges (i -> j) whose child fired of P(i active | j active)."""
     parents = torch.as_tensor(parents, dtype=torch.long).cpu()
-    active = active.bool().cpu()
     kids = torch.nonzero(parents >= 0).flatten()
     if kids.numel() == 0:
         return float("nan")
-    child_on = active[:, kids]
-    both = child_on & active[:, parents[kids]]
-    n_child = child_on.sum(0)
+    fires, both = parent_cofiring(parents, codes)
+    n_child = fires[kids]
     keep = n_child > 0
     if not keep.any():
         return float("nan")
-    return float((both.sum(0)[keep].float() / n_child[keep].float()).mean())
+    return float((both[kids][keep].float() / n_child[keep].float()).mean())
 
 
 # ----- one call for a model on synthetic data -----------------------------------------------------
-def active_mask(sae, x: Tensor, batch_size: int = 8192) -> Tensor:
-    """(n, n_latents) bool: which latents fire on each row of raw activations x."""
-    from hsae.models.codes import to_dense
-
-    parts = []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            parts.append(to_dense(sae.encode(x[start : start + batch_size])) != 0)
-    return torch.cat(parts).cpu()
-
-
 def hierarchy_report(
     sae,
     x: Tensor,
@@ -205,14 +211,14 @@ def hierarchy_report(
     true_directions: Tensor,
     true_parents: Tensor,
     parents: Tensor | None = None,
-    active: Tensor | None = None,
+    codes: Codes | None = None,
 ) -> dict:
     """Absorption, edge scores, parent coverage and tree statistics of `sae` (its `hierarchy()`
-    unless `parents` is given) on a synthetic sample with known truth."""
+    unless `parents` is given) on a synthetic sample with known truth; `codes` of x if at hand."""
     parents = sae.hierarchy() if parents is None else torch.as_tensor(parents, dtype=torch.long)
-    active = active_mask(sae, x) if active is None else active
+    codes = encode_rows(sae, x) if codes is None else codes
     lat = latent_of_features(sae.W_dec, true_directions)
-    ab = absorption(active, true_acts, true_parents, lat)
+    ab = absorption(codes, true_acts, true_parents, lat)
     es = edge_scores(parents, true_parents, lat)
     return {
         "absorption": ab.rate,
@@ -220,7 +226,7 @@ def hierarchy_report(
         "edge_precision": es.precision,
         "edge_recall": es.recall,
         "edge_f1": es.f1,
-        "parent_coverage": parent_coverage(parents, active),
+        "parent_coverage": parent_coverage(parents, codes),
         **tree_stats(parents).as_dict(),
     }
 
@@ -237,6 +243,6 @@ __all__ = [
     "Absorption",
     "absorption",
     "parent_coverage",
-    "active_mask",
+    "parent_cofiring",
     "hierarchy_report",
 ]

@@ -18,38 +18,39 @@ from typing import Any
 import torch
 
 from hsae.eval import plots
-from hsae.eval.hierarchy import depths, hierarchy_report, parent_coverage, tree_stats
+from hsae.eval.hierarchy import depths, hierarchy_report, parent_cofiring, parent_coverage, tree_stats
 from hsae.eval.run import EvalContext, evaluator
 from hsae.interpret.forest import extract_forest, has_builtin_hierarchy
+from hsae.models.codes import Codes
 
 
-def parent_explained_fraction(parents: torch.Tensor, active: torch.Tensor, W_dec: torch.Tensor) -> float:
+def parent_explained_fraction(parents: torch.Tensor, codes: Codes, W_dec: torch.Tensor) -> float:
     """Mean over edges whose child fired of P(parent on | child on) * cos^2(parent row, child row)."""
     parents = torch.as_tensor(parents, dtype=torch.long).cpu()
     kids = torch.nonzero(parents >= 0).flatten()
     if kids.numel() == 0:
         return float("nan")
-    active = active.bool().cpu()
     dec = W_dec.detach().float().cpu()
     dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos2 = (dec[kids] * dec[parents[kids]]).sum(1).pow(2)
-    child_on = active[:, kids]
-    n_child = child_on.sum(0)
+    fires, both = parent_cofiring(parents, codes)
+    n_child = fires[kids]
     keep = n_child > 0
     if not keep.any():
         return float("nan")
-    cover = (child_on & active[:, parents[kids]]).sum(0).float() / n_child.clamp_min(1).float()
+    cover = both[kids].float() / n_child.clamp_min(1).float()
     return float((cover * cos2)[keep].mean())
 
 
-def _forest(ctx: EvalContext, active: torch.Tensor) -> tuple[torch.Tensor, str]:
+def _forest(ctx: EvalContext) -> tuple[torch.Tensor, str]:
     sae = ctx.model
     if has_builtin_hierarchy(sae):
         return sae.hierarchy(), "built-in"
     saved = sae.hierarchy()
     if (saved >= 0).any():
         return saved, "saved"
-    parents = extract_forest(sae, ctx.x).parents
+    codes, _ = ctx.codes_and_recon()
+    parents = extract_forest(sae, ctx.x, codes=codes).parents
     sae.set_hierarchy(parents)  # in memory only: later sections read the same forest
     return parents, "extracted post hoc"
 
@@ -70,20 +71,19 @@ def _figures(ctx: EvalContext, metrics: dict[str, Any]) -> list[tuple[str, str]]
 @evaluator("hierarchy", figures=_figures)
 def hierarchy(ctx: EvalContext) -> dict[str, Any]:
     codes, _ = ctx.codes_and_recon()
-    active = (codes != 0).cpu()
-    parents, source = _forest(ctx, active)
+    parents, source = _forest(ctx)
     ctx.cache["parents"] = parents
     metrics: dict[str, Any] = {
         "forest": source,
         **tree_stats(parents).as_dict(),
-        "parent_coverage": parent_coverage(parents, active),
-        "parent_explained": parent_explained_fraction(parents, active, ctx.model.W_dec),
+        "parent_coverage": parent_coverage(parents, codes),
+        "parent_explained": parent_explained_fraction(parents, codes, ctx.model.W_dec),
     }
     forest = getattr(ctx.source, "forest", None)
     truth = ctx.cache.get("true_acts")
     if forest is not None and truth is not None:
         report = hierarchy_report(
-            ctx.model, ctx.x, truth, forest.directions, forest.parents, parents=parents, active=active
+            ctx.model, ctx.x, truth, forest.directions, forest.parents, parents=parents, codes=codes
         )
         metrics.update(
             {

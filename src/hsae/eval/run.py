@@ -19,6 +19,7 @@ from torch import Tensor
 
 from hsae.errors import HsaeError
 from hsae.eval.report import Report
+from hsae.models.codes import SparseCodes, as_sparse
 
 # Modules whose import registers evaluators (kept explicit: the order is the report's order).
 EVALUATOR_MODULES = [
@@ -43,18 +44,17 @@ class EvalContext:
     options: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # shared results (codes, x_hat, core metrics)
 
-    def codes_and_recon(self, batch_size: int = 8192):
-        """Codes and reconstructions of `x`, computed once and shared by evaluators."""
+    def codes_and_recon(self, batch_size: int = 8192) -> tuple[SparseCodes, Tensor]:
+        """Codes (sparse: CSR rows of active entries, whatever the family) and reconstructions of `x`,
+        computed once and shared by evaluators. No (tokens x latents) dense tensor is formed."""
         if "codes" not in self.cache:
-            from hsae.models.codes import SparseCodes
-
             codes, recon = [], []
             with torch.no_grad():
                 for start in range(0, self.x.shape[0], batch_size):
                     c = self.model.encode(self.x[start : start + batch_size])
-                    recon.append(self.model.decode(c))
-                    codes.append(c.dense() if isinstance(c, SparseCodes) else c)
-            self.cache["codes"] = torch.cat(codes)
+                    recon.append(self.model.decode(c).cpu())
+                    codes.append(as_sparse(c).to("cpu"))
+            self.cache["codes"] = SparseCodes.cat(codes)
             self.cache["x_hat"] = torch.cat(recon)
         return self.cache["codes"], self.cache["x_hat"]
 

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from hsae.eval.run import EvalContext, Skip, evaluator
 from hsae.eval.splice import BaseModel, base_model_for
-from hsae.models.codes import to_dense
+from hsae.models.codes import Codes, as_sparse, encode_rows
 
 DEFAULT_NOUNS = 4000
 DEFAULT_TOP = 10
@@ -122,14 +122,22 @@ def random_edges(latents: Sequence[int], n: int, rng: random.Random) -> list[tup
     return out
 
 
-def top_nouns(codes: Tensor, k: int = DEFAULT_TOP, min_nouns: int = DEFAULT_MIN_NOUNS) -> dict[int, list[int]]:
+def top_nouns(codes: Codes, k: int = DEFAULT_TOP, min_nouns: int = DEFAULT_MIN_NOUNS) -> dict[int, list[int]]:
     """Latent -> indices of its top-k rows by code value among rows where it fires (code > 0), for
-    latents firing on at least `min_nouns` rows."""
-    fires = (codes > 0).sum(0)
+    latents firing on at least `min_nouns` rows (from sparse codes: no (rows x latents) tensor)."""
+    csr = as_sparse(codes).to("cpu").csr()
+    rows, lat, val = csr.row_ids(), csr.indices, csr.values
+    pos = val > 0
+    rows, lat, val = rows[pos], lat[pos], val[pos]
+    by_value = val.argsort(descending=True, stable=True)
+    order = by_value[lat[by_value].argsort(stable=True)]  # by latent, then by value (largest first)
+    rows, lat = rows[order], lat[order]
+    fires = torch.bincount(lat, minlength=csr.n_latents)
+    starts = torch.cumsum(fires, 0) - fires
     out = {}
-    values, rows = codes.topk(min(k, codes.shape[0]), dim=0)  # (k, m)
     for j in torch.nonzero(fires >= min_nouns).flatten().tolist():
-        out[j] = [int(r) for r, v in zip(rows[:, j], values[:, j], strict=False) if v > 0]
+        s = int(starts[j])
+        out[j] = rows[s : s + min(k, int(fires[j]))].tolist()
     return out
 
 
@@ -256,11 +264,7 @@ def wordnet(ctx: EvalContext) -> dict[str, Any]:
     draws = int(opts.get("wordnet_draws", DEFAULT_DRAWS))
     seed = int(opts.get("seed", 0))
     synsets, acts = noun_data(base, n, seed)
-    with torch.no_grad():
-        codes = torch.cat(
-            [to_dense(ctx.model.encode(acts[i : i + 4096])).float().cpu() for i in range(0, len(acts), 4096)]
-        )
-    top_rows = top_nouns(codes, k, min_nouns)
+    top_rows = top_nouns(encode_rows(ctx.model, acts, 4096), k, min_nouns)
     top = {j: [synsets[r] for r in rows] for j, rows in top_rows.items()}
     if len(top) < 2:
         raise Skip(f"only {len(top)} latents fire on at least {min_nouns} of the {len(synsets)} nouns")

@@ -10,8 +10,10 @@ frequency than j (a parent is more general than its child; this also makes the r
 Latents that fire fewer than `min_fires` times get no parent. Works on any loaded model: it only
 uses `encode` and `W_dec`.
 
-Cost: one (n_latents x n_latents) co-occurrence matrix (float32), accumulated in batches; fine up to
-a few ten thousand latents.
+Cost: one (n_latents x n_latents) co-occurrence matrix (float32), accumulated from the sparse codes
+(the pairs of latents active in the same row, O(rows * L0^2)); candidate parents are then scored a
+block of children at a time, so nothing else of that size exists. Fine up to a few ten thousand
+latents; no (rows x latents) tensor is formed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hsae.errors import HsaeError
-from hsae.models.codes import to_dense
+from hsae.models.codes import Codes, as_sparse, encode_rows
 
 
 @dataclass
@@ -42,44 +44,82 @@ class ExtractedForest:
     n_samples: int
 
 
-def coactivation(sae, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """Fire counts (m,) and co-occurrence counts (m, m) of the latents of `sae` on raw activations x."""
+# Pairs (i, j) of latents active in one row added to the co-occurrence matrix at once, and children
+# (columns) scored at once: bounded temporaries whatever the sample size and width.
+PAIR_CHUNK = 1 << 22
+CHILD_BLOCK = 1024
+
+
+def coactivation(sae, x: Tensor, batch_size: int = 4096, codes: Codes | None = None) -> tuple[Tensor, Tensor]:
+    """Fire counts (m,) and co-occurrence counts (m, m) of the latents of `sae` on raw activations x
+    (or on their `codes`, if at hand): co[i, j] = rows where both i and j are active."""
     m = sae.n_latents
-    counts = torch.zeros(m, dtype=torch.float64)
-    co = torch.zeros(m, m, dtype=torch.float32)
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            a = (to_dense(sae.encode(x[start : start + batch_size])) != 0).float().cpu()
-            counts += a.sum(0).double()
-            co += a.T @ a
-    return counts, co
+    csr = (encode_rows(sae, x, batch_size) if codes is None else as_sparse(codes).to("cpu")).csr()
+    assert csr.offsets is not None
+    counts = torch.bincount(csr.indices, minlength=m).double()
+    co = torch.zeros(m * m, dtype=torch.float32)
+    per_row = csr.offsets.diff()
+    # rows grouped so that each group's pairs (sum of L0^2) stay within PAIR_CHUNK
+    cost = torch.cumsum(per_row * per_row, 0)
+    start = 0
+    n = per_row.numel()
+    while start < n:
+        base = int(cost[start - 1]) if start else 0
+        stop = max(start + 1, int(torch.searchsorted(cost, base + PAIR_CHUNK, right=True)))
+        lo, hi = int(csr.offsets[start]), int(csr.offsets[stop])
+        lat = csr.indices[lo:hi]
+        sizes = per_row[start:stop]
+        row = torch.arange(stop - start).repeat_interleave(sizes)
+        # all ordered pairs within a row: entry e with every entry of its row
+        first = csr.offsets[start:stop] - lo
+        a = torch.arange(hi - lo).repeat_interleave(sizes[row])
+        b = first[row].repeat_interleave(sizes[row]) + _within(sizes[row])
+        co.index_add_(0, lat[a] * m + lat[b], torch.ones(a.numel()))
+        start = stop
+    return counts, co.view(m, m)
 
 
-def extract_forest(sae, x: Tensor, options: ForestOptions | None = None) -> ExtractedForest:
+def _within(sizes: Tensor) -> Tensor:
+    """0, 1, ..., s-1 for each size s, concatenated."""
+    total = int(sizes.sum())
+    starts = torch.cumsum(sizes, 0) - sizes
+    return torch.arange(total) - starts.repeat_interleave(sizes)
+
+
+def extract_forest(sae, x: Tensor, options: ForestOptions | None = None, codes: Codes | None = None) -> ExtractedForest:
+    """The post-hoc forest (module docstring) of `sae` on raw activations x (or their `codes`)."""
     opt = options or ForestOptions()
     if not 0 <= opt.min_coverage <= 1:
         raise HsaeError(f"min_coverage must be in [0, 1], got {opt.min_coverage}")
     if x.shape[0] == 0:
         raise HsaeError("post-hoc forest extraction needs at least one activation row")
-    counts, co = coactivation(sae, x, opt.batch_size)
+    counts, co = coactivation(sae, x, opt.batch_size, codes)
     with torch.no_grad():
         dec = sae.W_dec.detach().float().cpu()
     dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cos = dec @ dec.T
-    cov = co / counts.float().clamp_min(1)[None, :]  # cov[i, j] = P(i on | j on)
-    ok = (cov >= opt.min_coverage) & (cos >= opt.min_cosine) & (counts[:, None] > counts[None, :]).float().bool()
-    ok &= counts[None, :] >= opt.min_fires
-    ok.fill_diagonal_(False)
-    score = torch.where(ok, cov + 1e-3 * cos, torch.full_like(cov, -1.0))
-    best, parent = score.max(dim=0)
-    has = best >= 0
-    parents = torch.where(has, parent, torch.full_like(parent, -1))
-    idx = torch.arange(sae.n_latents)
-    nan = torch.full((sae.n_latents,), float("nan"))
+    m = sae.n_latents
+    parents = torch.full((m,), -1, dtype=torch.long)
+    coverage = torch.full((m,), float("nan"))
+    cosine = torch.full((m,), float("nan"))
+    fcounts = counts.float()
+    for j0 in range(0, m, CHILD_BLOCK):
+        j1 = min(m, j0 + CHILD_BLOCK)
+        cov = co[:, j0:j1] / fcounts[j0:j1].clamp_min(1)[None, :]  # cov[i, j] = P(i on | j on)
+        cos = dec @ dec[j0:j1].T
+        ok = (cov >= opt.min_coverage) & (cos >= opt.min_cosine) & (counts[:, None] > counts[None, j0:j1])
+        ok &= counts[None, j0:j1] >= opt.min_fires
+        ok[torch.arange(j0, j1), torch.arange(j1 - j0)] = False  # no latent is its own parent
+        score = torch.where(ok, cov + 1e-3 * cos, torch.full_like(cov, -1.0))
+        best, parent = score.max(dim=0)
+        has = best >= 0
+        cols = torch.arange(j1 - j0)
+        parents[j0:j1] = torch.where(has, parent, torch.full_like(parent, -1))
+        coverage[j0:j1] = torch.where(has, cov[parent, cols], coverage[j0:j1])
+        cosine[j0:j1] = torch.where(has, cos[parent, cols], cosine[j0:j1])
     return ExtractedForest(
-        parents=parents.long(),
-        coverage=torch.where(has, cov[parent, idx], nan),
-        cosine=torch.where(has, cos[parent, idx], nan),
+        parents=parents,
+        coverage=coverage,
+        cosine=cosine,
         fire_counts=counts.long(),
         n_samples=int(x.shape[0]),
     )
