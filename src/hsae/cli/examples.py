@@ -64,7 +64,8 @@ def run_examples(
 ):
     """What `hsae examples` does, callable from other commands (the demo)."""
     import hsae
-    from hsae.interpret.examples import ExamplesConfig, build_examples
+    from hsae.interpret.examples import ExamplesConfig, build_examples, examples_identity, up_to_date
+    from hsae.interpret.examples_db import examples_path
     from hsae.interpret.progress import progress_bar
     from hsae.interpret.streams import open_stream
     from hsae.models.base import read_config
@@ -74,8 +75,11 @@ def run_examples(
     stream = open_stream(
         read_config(directory), data=data, corpus=corpus, model=model, hook=hook, chunk_rows=config.batch_rows
     )
-    with progress_bar("examples") as progress:
-        run = build_examples(sae, directory, stream, config, out=out, force=force, progress=progress)
+    path = out or examples_path(directory)
+    run = None if force else up_to_date(path, examples_identity(sae, stream, config))
+    if run is None:
+        with progress_bar("examples") as progress:
+            run = build_examples(sae, directory, stream, config, out=path, force=True, progress=progress)
     if run.reused:
         typer.echo(f"{run.path} is up to date ({run.rows} tokens); --force rebuilds it")
     else:

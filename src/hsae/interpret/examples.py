@@ -323,6 +323,19 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | N
         return None
 
 
+def examples_identity(sae, stream, config: ExamplesConfig) -> dict[str, Any]:
+    """What an examples file is a function of: the settings, the data and the model's weights."""
+    return {"config": config.identity(), "data": stream.describe(), "model": model_fingerprint(sae)}
+
+
+def up_to_date(path: Path, identity: dict[str, Any]) -> ExamplesRun | None:
+    """The run that wrote `path`, if it was made with exactly this identity."""
+    existing = read_meta(path)
+    if existing is None or existing.get("identity") != identity:
+        return None
+    return ExamplesRun(path, int(existing.get("rows", 0)), 0.0, reused=True)
+
+
 def build_examples(
     sae,
     model_dir: str | Path,
@@ -338,10 +351,11 @@ def build_examples(
     settings is resumed."""
     cfg = (config or ExamplesConfig()).validate()
     path = Path(out) if out is not None else examples_path(model_dir)
-    identity = {"config": cfg.identity(), "data": stream.describe(), "model": model_fingerprint(sae)}
-    existing = read_meta(path)
-    if not force and existing is not None and existing.get("identity") == identity:
-        return ExamplesRun(path, int(existing.get("rows", 0)), 0.0, reused=True)
+    identity = examples_identity(sae, stream, cfg)
+    if not force:
+        kept = up_to_date(path, identity)
+        if kept is not None:
+            return kept
     checkpoint = path.with_name(path.name + ".partial")
     run = ExamplesPass(sae, cfg)
     place: Any = None

@@ -163,6 +163,10 @@ class ExamplesDB:
             self._local.db = db
         return db
 
+    def stamp(self) -> dict[str, Any]:
+        """Which examples a derived file (labels, scores) was computed from."""
+        return {"model": self.meta["identity"]["model"], "created": self.meta.get("created")}
+
     @property
     def n_latents(self) -> int:
         return int(self.meta["n_latents"])
@@ -231,9 +235,28 @@ class ExamplesDB:
     def token_counts(self) -> dict[int, int]:
         return dict(self._db().execute("SELECT id, count FROM vocab WHERE count > 0").fetchall())
 
+    def token_index(self, per_token: int = 50) -> dict[str, list[int]]:
+        """token -> the latents firing on it in their top examples, most often first (at most per_token)."""
+        out: dict[str, list[int]] = {}
+        for token, latent in self._db().execute("SELECT token, latent FROM token_index ORDER BY token, n DESC, latent"):
+            hits = out.setdefault(token, [])
+            if len(hits) < per_token:
+                hits.append(int(latent))
+        return out
+
     def search_tokens(self, token: str, limit: int = 50) -> list[tuple[int, int]]:
         """(latent, times) of latents whose top examples fire on `token` (normalised), most first."""
         rows = self._db().execute(
             "SELECT latent, n FROM token_index WHERE token = ? ORDER BY n DESC, latent LIMIT ?", (token, limit)
         )
         return [(int(latent), int(n)) for latent, n in rows]
+
+
+def open_examples(model_dir: str | Path) -> ExamplesDB:
+    """The model's examples file, or an error naming the command that builds it."""
+    path = examples_path(model_dir)
+    if not path.is_file():
+        raise HsaeError(
+            f"{model_dir} has no examples yet ({EXAMPLES_FILE}): build them with `hsae examples {model_dir}`"
+        )
+    return ExamplesDB(path)

@@ -148,11 +148,19 @@ def open_stream(
         if store is None:
             store = ActivationStore.open(path, hook=hook, max_norm_ratio=0)
         return StoreStream(store, chunk_rows)
-    from hsae.sources.hf import DEFAULT_HOOK, load_model
+    from hsae.sources.hf import load_model
     from hsae.sources.text import open_corpus
 
-    saved_model = saved.get("model") or {}
-    if model is None and saved_model:
-        path = saved_model.get("path")
-        model = path if path and Path(path).is_dir() else saved_model.get("name")
-    return HarvestStream(load_model(model), hook or saved_hook or DEFAULT_HOOK, open_corpus(str(corpus)))
+    recorded, recorded_hook = recorded_model(record)
+    return HarvestStream(load_model(model or recorded), hook or recorded_hook, open_corpus(str(corpus)))
+
+
+def recorded_model(record: dict[str, Any]) -> tuple[str | None, str]:
+    """(model folder or name, hook) a model's config says it was trained on; None is the embedded
+    default model, and its default hook where none is recorded."""
+    from hsae.sources.hf import DEFAULT_HOOK
+
+    saved = record.get("data") or {}
+    model = saved.get("model") or {}
+    path = model.get("path")
+    return (path if path and Path(path).is_dir() else model.get("name")), saved.get("hook") or DEFAULT_HOOK
