@@ -12,11 +12,14 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from hsae.errors import HsaeError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -136,6 +139,12 @@ class SAEConfig:
     # Raw activations are multiplied by this before encoding (the trainer sets it so that the mean
     # norm is sqrt(d_in)); decode divides it out again, so every checkpoint works on raw inputs.
     input_scale: float = 1.0
+
+    def require_k(self) -> int:
+        """k, for the families that cannot work without one (validation has refused None for them)."""
+        if self.k is None:
+            raise HsaeError(f"the {self.arch} family needs --k")
+        return self.k
 
     def validate(self) -> None:
         if self.d_in <= 0:

@@ -103,6 +103,7 @@ def train(
     if data is None and corpus is None:
         raise HsaeError("give --data (synthetic, a file or a store) or --corpus (with --model/--hook) to train on")
     if data is None:
+        assert corpus is not None  # checked above
         from hsae.cli._common import quiet_transformers
         from hsae.sources import open_model_source
 
@@ -117,5 +118,5 @@ def train(
         sae_values["k"] = k
     sae_cfg = from_dict(family.config_class, sae_values, what=f"{arch} config")
     trainer = Trainer(sae_cfg, train_cfg, source, out, resume=resume, show_progress=not quiet, stop_after=stop_after)
-    model = trainer.run()
-    typer.echo(f"saved {model.arch} SAE ({model.n_latents} latents, d_in {model.d_in}) to {out}")
+    sae = trainer.run()
+    typer.echo(f"saved {sae.arch} SAE ({sae.n_latents} latents, d_in {sae.d_in}) to {out}")

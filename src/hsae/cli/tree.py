@@ -121,9 +121,10 @@ def tree(
     )
     if x is not None and codes is not None:
         typer.echo(f"parent coverage P(parent on | child on): {parent_coverage(parents, codes):.3f}")
-        if truth is not None and hasattr(source, "forest"):
+        forest = getattr(source, "forest", None)
+        if truth is not None and forest is not None:
             rep = hierarchy_report(
-                sae, x, truth.true_acts, source.forest.directions, source.forest.parents, parents=parents, codes=codes
+                sae, x, truth.true_acts, forest.directions, forest.parents, parents=parents, codes=codes
             )
             typer.echo(
                 f"against the true forest: absorption {rep['absorption']:.3f}, edge precision "

@@ -386,7 +386,8 @@ def absorption(ctx: EvalContext) -> dict[str, Any]:
     scale = float(sae.config.input_scale)
     x_test, labels_test = data.x[test], data.labels[test]
     probe_scores = x_test @ data.probe_w.T + data.probe_b
-    rows, skipped = [], {}
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     for li, letter in enumerate(LETTERS):
         tp = (labels_test == li) & (probe_scores[:, li] > 0)
         n_tp = int(tp.sum())

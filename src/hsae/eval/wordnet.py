@@ -152,7 +152,8 @@ def noun_contexts(n: int, seed: int = 0) -> list[tuple[str, str, int, int]]:
     lemmas_all = sorted(reader.all_lemma_names("n"))
     rng = random.Random(seed)
     rng.shuffle(lemmas_all)
-    out, seen = [], set()
+    out: list[tuple[str, str, int, int]] = []
+    seen: set[str] = set()
     for lemma_name in lemmas_all:
         if len(out) >= n:
             break

@@ -58,7 +58,7 @@ def import_sae(
 ) -> Imported:
     """The hsae model of the SAE at `source` (any format hsae reads; "hsae" folders load as they are).
     `checksums` records the sha256 of every file read (large dictionaries take a second per GB)."""
-    from hsae import __version__
+    from hsae.version import __version__
 
     resolved = resolve(source, cache_dir)
     fmt = _format_of(resolved, fmt)
@@ -126,7 +126,7 @@ def export_model(
     source: str | Path, fmt: str, out: str | Path, overwrite: bool = False, cache_dir: str | Path | None = None
 ) -> Exported:
     """Write the hsae model at `source` in format `fmt` into folder `out`, plus the hsae sidecar."""
-    from hsae import __version__
+    from hsae.version import __version__
 
     module = format_module(fmt)
     resolved = resolve(source, cache_dir)

@@ -49,4 +49,4 @@ def detect_format(path: Path) -> str:
     if inner:
         shown = ", ".join(inner[:6]) + (f", ... ({len(inner)} in all)" if len(inner) > 6 else "")
         raise HsaeError(f"{path} holds several SAEs ({shown}); name one, e.g. {path / inner[0]}")
-    raise HsaeError(f"{path} holds no SAE in a format hsae reads: {_KNOWN}")
+    raise HsaeError(f"{path} holds no hsae model, and no SAE in a format hsae reads: {_KNOWN}")

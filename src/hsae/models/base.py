@@ -252,7 +252,8 @@ class SAE(nn.Module, Generic[C]):
         write_json(directory / CONFIG_FILE, payload)
 
     @classmethod
-    def from_config(cls, config: SAEConfig) -> SAE:
+    def from_config(cls, config: Any) -> SAE:
+        """A fresh model of this family from its (validated) config."""
         return cls(config)
 
 

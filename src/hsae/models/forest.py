@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.models.base import SAE, SAEOutput, StepContext
-from hsae.models.codes import Codes
+from hsae.models.codes import Codes, to_dense
 from hsae.models.jump import heaviside_step, jumprelu
 from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.registry import register
@@ -100,6 +100,8 @@ class ForestConfig(SAEConfig):
 class ForestSAE(SAE[ForestConfig]):
     config_class = ForestConfig
     builtin_hierarchy = True
+    level: Tensor
+    sparsity_coefs: Tensor
 
     def __init__(self, config: ForestConfig):
         super().__init__(config)
@@ -123,7 +125,7 @@ class ForestSAE(SAE[ForestConfig]):
         b = cfg.level_bounds()
         out = torch.zeros_like(pre)
         for lo, hi in zip(b[:-1], b[1:], strict=False):
-            v, i = pre[:, lo:hi].topk(cfg.k, dim=-1, sorted=False)
+            v, i = pre[:, lo:hi].topk(cfg.require_k(), dim=-1, sorted=False)
             out = out.scatter(1, i + lo, v.relu())
         return out
 
@@ -183,10 +185,10 @@ class ForestSAE(SAE[ForestConfig]):
     def after_step(self, out: SAEOutput, ctx: StepContext) -> None:
         cfg = self.config
         if cfg.activation == "jumprelu":
-            active = (out.codes != 0).float()
+            active = (to_dense(out.codes) != 0).float()
             per_level = torch.zeros(self.n_levels, device=active.device).index_add(0, self.level, active.sum(0))
             per_level /= active.shape[0]
-            ratio = (per_level.clamp_min(1e-3) / cfg.k).log().clamp(-1, 1)
+            ratio = (per_level.clamp_min(1e-3) / cfg.require_k()).log().clamp(-1, 1)
             self.sparsity_coefs.mul_((cfg.l0_controller_rate * ratio).exp())
         done = ctx.step + 1
         start = max(1, round(cfg.hierarchy_start * ctx.total_steps))

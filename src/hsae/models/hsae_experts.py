@@ -215,7 +215,7 @@ class HSAE(SAE[HSAEConfig]):
         return torch.addmm(self.b_enc, xn - self.b_dec, self.E)
 
     def _encode(self, xn: Tensor, k: int | None = None):
-        k = k or self.config.k
+        k = k or self.config.require_k()
         if not 0 < k <= self.n_top:
             raise HsaeError(f"h-sae: k must be between 1 and {self.n_top}, got {k}")
         xc = xn - self.b_dec
@@ -287,7 +287,7 @@ class HSAE(SAE[HSAEConfig]):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         for w in (self.D, self.D_low):
-            w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 __all__ = ["HSAEConfig", "HSAE"]

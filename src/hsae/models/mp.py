@@ -189,7 +189,7 @@ def mp_gram(
         diag = G.diagonal()
         c = xc @ W.T
         stop = _Stopper(xc, k, stop_threshold) if adaptive_stop else None
-        idx, val = [], []
+        picked, coefs = [], []
         for _ in range(k):
             j, a = _select(c, nonneg)
             a = a / diag[j]
@@ -197,9 +197,9 @@ def mp_gram(
                 a = stop.mask(a)
                 stop.update(j, a, diag[j].detach())
             c = c - a[:, None] * G.index_select(0, j)
-            idx.append(j)
-            val.append(a)
-        return torch.stack(idx, 1), torch.stack(val, 1)
+            picked.append(j)
+            coefs.append(a)
+        return torch.stack(picked, 1), torch.stack(coefs, 1)
     # inference: the correlations are updated in place, in row chunks small enough that the
     # correlations and the gathered rows of G stay in cache across the k steps (measured at
     # n = 4096, m = 4096: 1.08 s unchunked, 0.72 s in chunks of 1024 rows)
@@ -279,14 +279,19 @@ class MPSAE(SAE[MPConfig]):
         return (xn - self.b_dec) @ self.W_dec.T
 
     def pursue(self, xn: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
-        k = k or self.config.k
+        k = k or self.config.require_k()
         if not 0 < k:
             raise HsaeError(f"mp: k must be positive, got {k}")
         xc = xn - self.b_dec
-        stop = {"adaptive_stop": self.config.adaptive_stop, "stop_threshold": self.config.stop_threshold}
-        if self.config.encoder == "gram":
-            return mp_gram(xc, self.W_dec, k, self.config.nonneg, self.gram(), **stop)
-        idx, val, _ = mp_naive(xc, self.W_dec, k, self.config.nonneg, **stop)
+        cfg = self.config
+        if cfg.encoder == "gram":
+            return mp_gram(
+                xc, self.W_dec, k, cfg.nonneg, self.gram(), adaptive_stop=cfg.adaptive_stop,
+                stop_threshold=cfg.stop_threshold,
+            )  # fmt: skip
+        idx, val, _ = mp_naive(
+            xc, self.W_dec, k, cfg.nonneg, adaptive_stop=cfg.adaptive_stop, stop_threshold=cfg.stop_threshold
+        )
         return idx, val
 
     def encode_normalized(self, xn: Tensor, k: int | None = None) -> Codes:

@@ -19,7 +19,7 @@ AVX-512 bf16/AMX and on GPUs it is several times faster); everything else stays 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from torch import Tensor
 from hsae.config import SAEConfig
 from hsae.errors import HsaeError
 from hsae.models.auxk import auxk_loss
-from hsae.models.base import SAE, StepContext
+from hsae.models.base import SAE, StepContext, TrainStep
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.registry import register
 from hsae.models.sparse.ops import compute_dtype_of, encoder_matmul, remove_parallel_component_
@@ -67,7 +67,7 @@ TC = TypeVar("TC", bound=TopKConfig)
 class TopKSAE(SAE[TC]):
     config_class = TopKConfig
     supports_k = True
-    train_step = FusedTopKStep(selection=PerTokenTopK())
+    train_step: ClassVar[TrainStep] = FusedTopKStep(selection=PerTokenTopK())
 
     def activate(self, pre: Tensor, k: int | None = None) -> Codes:
         k = k or self.config.k

@@ -58,12 +58,13 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from hsae.errors import HsaeError
-from hsae.models.base import AutogradStep, SAEOutput, StepContext
+from hsae.models.base import AutogradStep, SAEOutput, StepContext, TrainStep
 from hsae.models.codes import SparseCodes
 from hsae.models.partition import bounds_from_fractions, group_of_latents
 from hsae.models.registry import register
@@ -156,7 +157,7 @@ class TreeSAE(TopKSAE[TreeConfig]):
     supports_k = True
     builtin_hierarchy = True
     # The gate and the per-layer losses are not what the fused TopK step computes.
-    train_step = AutogradStep()
+    train_step: ClassVar[TrainStep] = AutogradStep()
     layer: Tensor
     capacity: Tensor
     next_realloc: Tensor
@@ -209,12 +210,13 @@ class TreeSAE(TopKSAE[TreeConfig]):
 
     def activate(self, pre: Tensor, k: int | None = None) -> SparseCodes:
         if self.config.selection == "pool":
-            k = k or self.config.k
+            k = k or self.config.require_k()
             if not 0 < k <= self.n_latents:
                 raise HsaeError(f"k must be between 1 and {self.n_latents}, got {k}")
             idx, val = pool_topk(pre, k, self.parents)
             return SparseCodes(idx, val, self.n_latents)
         codes = super().activate(pre, k)
+        assert isinstance(codes, SparseCodes)  # TopK's codes
         val = gate_codes(codes.indices, codes.values, self.parents, self.layer, self.n_layers)
         return SparseCodes(codes.indices, val, self.n_latents)
 
@@ -268,6 +270,7 @@ class TreeSAE(TopKSAE[TreeConfig]):
         if not cfg.realloc or self.n_layers < 2:
             return
         codes = out.codes
+        assert isinstance(codes, SparseCodes)  # this family's codes are (n, k) TopK entries
         on = codes.values != 0
         can_parent = torch.cat([self.layer < self.n_layers - 1, self.layer.new_ones(1, dtype=torch.bool)])
         if cfg.capacity_mode == "row" and self.row_error is not None:

@@ -102,7 +102,7 @@ def _is_causal_lm(config: Any) -> bool:
 
 def _resolve_model(model: str | None) -> tuple[str, Path | None, str | None]:
     """(name to record, local folder or None for a hub name, revision if known)."""
-    if model in _EMBEDDED_ALIASES:
+    if model is None or model in _EMBEDDED_ALIASES:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -162,7 +162,8 @@ def load_model(
     tokenizer.padding_side = "right"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    network = network.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    module: nn.Module = network  # (transformers' own annotation of `.to` confuses type checkers)
+    module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(network, tokenizer, name, str(path) if path else None, revision, type(network).__name__)
 
 

@@ -45,14 +45,16 @@ from torch import Tensor
 try:  # numba is a dependency; keep hsae usable (on the torch path) where it cannot be imported
     import numba
     from numba import njit, prange
-except Exception:  # pragma: no cover - depends on the environment
-    numba = None
 
-if numba is not None and not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+    NUMBA_IMPORTED = True
+except Exception:  # pragma: no cover - depends on the environment
+    NUMBA_IMPORTED = False
+
+if NUMBA_IMPORTED and not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
     # Prefer OpenMP: it is the runtime torch runs on, so the kernels share torch's threads instead of
     # starting a second pool that would compete with torch's spinning OpenMP threads (numba's own
     # default tries TBB first). The user's NUMBA_THREADING_LAYER* settings win.
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    setattr(numba.config, "THREADING_LAYER_PRIORITY", ["omp", "tbb", "workqueue"])  # noqa: B010 (untyped config)
 
 # Candidates per row above which the row goes to torch.topk (rank counting is quadratic in them).
 MAX_CANDIDATES_PER_K = 8
@@ -69,7 +71,7 @@ _disabled: str | None = None
 # on with torch ops.
 _forked = False
 # What a failure to compile or run a kernel raises.
-CompileError: type[Exception] = numba.core.errors.NumbaError if numba is not None else RuntimeError
+CompileError: type[Exception] = numba.core.errors.NumbaError if NUMBA_IMPORTED else RuntimeError
 # One call at a time: numba's fallback "workqueue" threading layer aborts on concurrent use.
 _lock = threading.Lock()
 
@@ -85,7 +87,7 @@ if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
 
 def available() -> bool:
     """Whether the kernels can run in this process at all (numba imported, not a forked child)."""
-    return numba is not None and not _forked
+    return NUMBA_IMPORTED and not _forked
 
 
 def enabled() -> bool:
@@ -106,7 +108,7 @@ def disable(err: Exception) -> None:
     )
 
 
-if numba is not None:
+if NUMBA_IMPORTED:
 
     @njit(cache=True, fastmath=_FASTMATH, boundscheck=False, nogil=True)
     def _select_row(row, k, size, bm, blocks, block_max, cand_v, cand_i, out_v, out_i):  # pragma: no cover - compiled

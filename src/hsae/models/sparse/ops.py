@@ -97,12 +97,12 @@ def sampled_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, offsets: Tenso
 # ----- decoder ---------------------------------------------------------------------------------------
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None) -> Tensor:
         ctx.save_for_backward(indices, values, W_dec, offsets)
         return bag_sum(indices, values, W_dec, offsets)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         indices, values, W_dec, offsets = ctx.saved_tensors
         need_values, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_values = grad_w = None

@@ -113,7 +113,7 @@ class _SparsePrefixStep(torch.autograd.Function):
         bag_offsets,
         n_code,
         bounds,
-        aux_coef,  # type: ignore[override]
+        aux_coef,
         dead_cols,
         aux_z,
     ):
@@ -166,7 +166,7 @@ class _SparsePrefixStep(torch.autograd.Function):
         return x_hat, mse, prefix, aux
 
     @staticmethod
-    def backward(ctx, g_xhat, g_mse, g_prefix, g_aux):  # type: ignore[override]
+    def backward(ctx, g_xhat, g_mse, g_prefix, g_aux):
         E, G = ctx.E, ctx.G
         if E is None:
             raise RuntimeError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -359,7 +360,7 @@ def encode_topk_chunked(
     ):
         e = s + pre.shape[0]
         topk_select(pre, k, values[s:e], indices[s:e])
-        if aux:
+        if dead_cols is not None and aux:
             aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
     if aux:
         return TopKSelection(values, indices, aux_values, aux_indices)
@@ -390,11 +391,11 @@ def encode_batch_topk_chunked(
     if aux:
         aux_values = torch.empty(n, k_aux, dtype=W_enc.dtype, device=x.device)
         aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=x.device)
-    kw = dict(scale=scale, b_dec=b_dec, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
+    kw: dict[str, Any] = dict(scale=scale, b_dec=b_dec, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
     col = BatchTopKCollector(n, m, k, hint=hint, device=x.device, dtype=W_enc.dtype)
     for s, pre in iter_pre_chunks(x, W_enc, b_enc, **kw):
         col.add(pre, s)
-        if aux:
+        if dead_cols is not None and aux:
             e = s + pre.shape[0]
             aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
     out = col.finish()

@@ -56,6 +56,9 @@ def take_dense_aux_grads(
     """`dense_aux_backward` of the block a fused step's forward left on ctx (`dense_A`, `aux_z`),
     releasing both: the steps call it first in their backward, so the block's (n, d) error and
     (n, n_dead) codes are gone before any (n_latents, d) gradient exists (peak memory)."""
+    if dead_cols is None or ctx.dense_A is None:
+        ctx.dense_A = ctx.aux_z = None
+        return None, None
     grads = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
     ctx.dense_A = ctx.aux_z = None
     return grads
@@ -77,7 +80,7 @@ class _SparseTopKStep(torch.autograd.Function):
     by block in W_enc's own (d_in, n_latents) layout; grad b_dec = colsum G[:n] - W_enc grad b_enc."""
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef, dead_cols, aux_z):  # type: ignore[override]
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x, scale, cols, vals, bag_offsets, aux_coef, dead_cols, aux_z):
         n = x.shape[0]
         n_bags = bag_offsets.numel() - 1
         # W_dec.detach(): embedding_bag of a weight that requires grad also builds what its own backward
@@ -110,7 +113,7 @@ class _SparseTopKStep(torch.autograd.Function):
         return x_hat, mse, aux
 
     @staticmethod
-    def backward(ctx, g_xhat, g_mse, g_aux):  # type: ignore[override]
+    def backward(ctx, g_xhat, g_mse, g_aux):
         G = ctx.out
         if G is None:
             raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
@@ -200,7 +203,7 @@ def encoder_grads(
     AuxK block's value gradients grad_z over `dead_cols`; grad_bd gets the encoder's share,
     -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec)."""
     gb = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
-    if grad_z is not None:
+    if grad_z is not None and dead_cols is not None:
         gb.index_add_(0, dead_cols, grad_z.sum(0))
     if grad_bd is not None:
         grad_bd.addmv_(W_enc, gb, alpha=-1)
@@ -208,7 +211,7 @@ def encoder_grads(
     if need_we:
         bags.remainder_(n)  # AuxK bags n + r read token r
         grad_we = segment_sum_transposed(bags, g, x, ptr, scale, b_dec, gb)
-        if grad_z is not None:  # the b_dec part is in gb already
+        if grad_z is not None and dead_cols is not None:  # the b_dec part is in gb already
             grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(scale))
     return grad_we, (gb if need_be else None)
 
@@ -224,6 +227,7 @@ def selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
         cols, vals, offsets = sel.indices, sel.values, sel.offsets
     if sel.aux_values is None:
         return cols, vals, offsets
+    assert sel.aux_indices is not None
     live = sel.aux_values > 0
     aux_off = torch.zeros(live.shape[0], dtype=torch.long, device=cols.device)
     torch.cumsum(live.sum(1), 0, out=aux_off)
