@@ -8,6 +8,7 @@ import torch
 import hsae
 from hsae.cli import main
 from hsae.sources.text import wordnet_available
+from hsae.store import ActivationStore
 
 
 def test_train_on_the_fly_from_model_and_corpus(tmp_path):
@@ -91,7 +92,9 @@ def test_demo_end_to_end_tiny(tmp_path):
     ]
     assert main(args) == 0
     report = json.loads((out / "topk" / "eval" / "report.json").read_text())
-    assert report["sections"]["core"]["tokens"] == 1024
+    core = report["sections"]["core"]
+    heldout_rows = ActivationStore.open(out / "store", split="heldout").epoch_rows()
+    assert core["heldout"] is True and core["tokens"] == min(1024, heldout_rows) > 0
     assert (out / "topk" / "eval" / "report.html").exists()
     # A second run reuses the store and the finished model.
     before = (out / "topk" / "weights.safetensors").read_bytes()

@@ -45,6 +45,7 @@ def test_loss_recovered_and_scores_by_hand():
     assert loss_recovered(2.0, 2.0, 4.0) == pytest.approx(1.0)
     assert loss_recovered(2.0, 4.0, 4.0) == pytest.approx(0.0)
     assert math.isnan(loss_recovered(2.0, 2.5, 2.0))
+    assert math.isnan(loss_recovered(2.0, 1.9, 1.5))  # ablation lowers the loss: no meaningful ratio
     assert kl_div_score(0.1, 0.4) == pytest.approx(0.75)
     assert cosine_recovered(0.9, 0.5) == pytest.approx(0.8)
 
@@ -178,3 +179,25 @@ def test_downstream_on_a_tiny_causal_lm(minilm):
     assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     tiny = downstream(EvalContext(_tiny_topk(32, 16, 4), None, _Source(32), torch.zeros(1, 32), dict(opts)))
     assert tiny["kl_sae"] > 0
+
+
+def test_loss_recovered_is_flagged_when_zero_ablation_does_not_hurt(minilm, monkeypatch):
+    """On a model whose loss does not rise when the hook is zeroed (a random model, say), loss
+    recovered is no number but a note saying why."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import hsae.eval.downstream as downstream_module
+    from hsae.sources.hf import LoadedModel
+
+    config = GPT2Config(vocab_size=minilm.tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    loaded = LoadedModel(GPT2LMHeadModel(config).eval(), minilm.tokenizer, "tiny-gpt2-b", None, None, "GPT2LMHeadModel")
+    # clean 3.0, zero-ablated 2.9 (lower), the SAE's splice 3.1
+    monkeypatch.setattr(
+        downstream_module,
+        "lm_losses",
+        lambda base, texts, replace: (3.0, 3.1 if replace.__name__ != "zero_replacement" else 2.9, 0.1),
+    )
+    opts = {"base_model": loaded, "hook": "transformer.h.0", "texts": TEXTS}
+    result = downstream(EvalContext(_tiny_topk(32, 16, 4), None, _Source(32), torch.zeros(1, 32), dict(opts)))
+    assert math.isnan(result["loss_recovered"])
+    assert "meaningless" in result["loss_recovered_note"] and "2.9" in result["loss_recovered_note"]

@@ -2,9 +2,13 @@
 
 import hsae
 sae = hsae.load("runs/minilm")  # an hsae model folder, another library's SAE files, or hf://owner/repo/...
-codes = sae.encode(x)          # x: float tensor (n, d_in)
+store = hsae.open_store("runs/store")
+x = store.sample(1000)         # float tensor (n, d_in) of raw activations
+codes = sae.encode(x)
 x_hat = sae.decode(codes)
 parents = sae.hierarchy()      # LongTensor (n_latents,), -1 = root
+for rows in store.rows():      # harvest order: rows.activations[hook], token_ids, doc_ids, positions
+    ...
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from hsae.models.base import SAE
+    from hsae.store import ActivationStore
 
 
 def load(source: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -30,4 +35,13 @@ def load(source: str | Path, device: str | torch.device = "cpu") -> SAE:
     return load_any(source, device)
 
 
-__all__ = ["__version__", "load", "families", "get_family"]
+def open_store(path: str | Path, hook: str | None = None, split: str = "all") -> ActivationStore:
+    """An activation store (from `hsae harvest`): `sample(n)`, `batches(...)`, `rows()` (activations
+    with token ids, documents and positions, in harvest order), `text(token_ids)`, `manifest`.
+    `hook` picks one of several hooks; `split` reads the training or held-out documents only."""
+    from hsae.store import ActivationStore
+
+    return ActivationStore.open(path, hook=hook, split=split)
+
+
+__all__ = ["__version__", "load", "open_store", "families", "get_family"]

@@ -39,7 +39,16 @@ from safetensors import safe_open
 from torch import Tensor
 
 from hsae.errors import HsaeError
-from hsae.sources.stream import check_batch_request, endless_rows, rebatch, window_permutation
+from hsae.sources.hf import TokenRows
+from hsae.sources.stream import (
+    DEFAULT_HELDOUT_EVERY,
+    check_batch_request,
+    check_split,
+    endless_rows,
+    in_split,
+    rebatch,
+    window_permutation,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "hsae-activation-store"
@@ -109,9 +118,14 @@ class ActivationStore:
         seed: int,
         buffer_rows: int,
         max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
+        split: str = "all",
+        heldout_every: int = DEFAULT_HELDOUT_EVERY,
     ):
         self.path = path
         self.max_norm_ratio = max_norm_ratio
+        self.split = split
+        self.heldout_every = heldout_every
+        self._split_rows: dict[int, int] = {}  # shard index -> rows of the split
         self._norm_limit: float | None = None
         self._kept: dict[int, int] = {}  # shard index -> rows within the norm limit
         self.manifest = manifest
@@ -121,6 +135,7 @@ class ActivationStore:
         self.shards = [ShardInfo(i, s["file"], s["rows"], s["sha256"]) for i, s in enumerate(manifest["shards"])]
         self.d_in: int = next(h["d_in"] for h in manifest["hooks"] if h["name"] == hook)
         self._verified: set[int] = set()
+        self._tokenizer: Any = None
 
     @classmethod
     def open(
@@ -131,9 +146,14 @@ class ActivationStore:
         seed: int = 0,
         buffer_rows: int = DEFAULT_BUFFER_ROWS,
         max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
+        split: str = "all",
+        heldout_every: int = DEFAULT_HELDOUT_EVERY,
     ) -> ActivationStore:
         """Open a complete store; `hook` picks one when it holds several. Rows with a norm above
-        `max_norm_ratio` times the median are left out of batches (None or 0: keep all)."""
+        `max_norm_ratio` times the median are left out of batches (None or 0: keep all). `split`
+        reads everything ("all", the default here), the training rows ("train": what `hsae train`
+        reads) or the held-out documents (every `heldout_every`-th: "heldout", what `hsae eval` reads)."""
+        check_split(split, heldout_every)
         if max_norm_ratio is not None and not (max_norm_ratio == 0 or max_norm_ratio >= 1):
             raise HsaeError(
                 f"max_norm_ratio must be >= 1 (a multiple of the median row norm) or 0 to keep every row, "
@@ -155,11 +175,13 @@ class ActivationStore:
         names = [h["name"] for h in manifest["hooks"]]
         if hook is None:
             if len(names) > 1:
-                raise HsaeError(f"store {path} holds several hooks ({', '.join(names)}): choose one")
+                raise HsaeError(f"store {path} holds several hooks ({', '.join(names)}): choose one with --hook")
             hook = names[0]
+        by_lens = {h.get("transformer_lens"): h["name"] for h in manifest["hooks"] if h.get("transformer_lens")}
+        hook = by_lens.get(hook, hook)  # a TransformerLens name selects its module's hook
         if hook not in names:
             raise HsaeError(f"store {path} has no hook {hook!r} (it holds {', '.join(names)})")
-        return cls(path, manifest, hook, seed, buffer_rows, max_norm_ratio or None)
+        return cls(path, manifest, hook, seed, buffer_rows, max_norm_ratio or None, split, heldout_every)
 
     # -- facts ---------------------------------------------------------------------------------
 
@@ -191,7 +213,13 @@ class ActivationStore:
             "seed": self.seed,
             "max_norm_ratio": self.max_norm_ratio,
             "norm_limit": self.norm_limit(),
+            "split": self.split,
+            "heldout_every": self.heldout_every,
         }
+
+    def epoch_rows(self) -> int:
+        """Rows of this split (before the norm limit): what one pass over the data reads."""
+        return sum(self._split_count(s) for s in self.shards)
 
     def norm_limit(self) -> float | None:
         """Rows with a larger norm are left out of batches: `max_norm_ratio` times the median row
@@ -251,6 +279,32 @@ class ActivationStore:
         for shard in self.shards:
             yield self.read_shard(shard.index)
 
+    def rows(self) -> Iterator[TokenRows]:
+        """Every row in harvest order, a shard at a time, as TokenRows: this hook's activations with
+        each row's token id, document number and position (whatever the split: for finding where a
+        feature fires). `text` turns token ids back into text."""
+        for tensors in self.iter_shards():
+            yield TokenRows(
+                {self.hook: tensors["activations"]}, tensors["token_ids"], tensors["doc_ids"], tensors["positions"]
+            )
+
+    def tokenizer(self) -> Any:
+        """The tokenizer of the model the store was harvested from (its folder, or the hub cache)."""
+        from transformers import AutoTokenizer
+
+        model = self.manifest["model"]
+        source = model.get("path") or model.get("name")
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise HsaeError(f"store {self.path}: cannot load the tokenizer of {source} ({err})") from None
+
+    def text(self, token_ids: Tensor | list[int]) -> list[str]:
+        """Each token id as the text it stands for."""
+        tokenizer = self.tokenizer() if self._tokenizer is None else self._tokenizer
+        self._tokenizer = tokenizer
+        return tokenizer.convert_ids_to_tokens([int(t) for t in token_ids])
+
     # -- the ActivationSource protocol ---------------------------------------------------------
 
     def _rank_shards(self, rank: int, world_size: int) -> list[ShardInfo]:
@@ -268,8 +322,26 @@ class ActivationStore:
         ordered = [shards[i] for i in order]
         return [ordered[i : i + per_window] for i in range(0, len(ordered), per_window)]
 
+    def _rows_of_split(self, shard: ShardInfo) -> Tensor:
+        """A shard's activation rows that belong to this reader's split, in harvest order."""
+        if self.split == "all" or self.heldout_every == 0:
+            return self.read_shard(shard.index, all_fields=False)["activations"]
+        tensors = self.read_shard(shard.index)
+        keep = in_split(tensors["doc_ids"], self.split, self.heldout_every)
+        self._split_rows[shard.index] = int(keep.sum())
+        return tensors["activations"][keep]
+
+    def _split_count(self, shard: ShardInfo) -> int:
+        if self.split == "all" or self.heldout_every == 0:
+            return shard.rows
+        if shard.index not in self._split_rows:
+            with safe_open(str(self._verify(shard)), framework="pt") as fh:
+                doc_ids = fh.get_tensor("doc_ids")
+            self._split_rows[shard.index] = int(in_split(doc_ids, self.split, self.heldout_every).sum())
+        return self._split_rows[shard.index]
+
     def _window_rows(self, epoch: int, index: int, window: list[ShardInfo]) -> Tensor:
-        rows = torch.cat([self.read_shard(s.index, all_fields=False)["activations"] for s in window])
+        rows = torch.cat([self._rows_of_split(s) for s in window])
         rows = rows[window_permutation(self.seed, epoch, index, len(rows))]
         limit = self.norm_limit()
         if limit is not None:
@@ -280,9 +352,9 @@ class ActivationStore:
         """Rows of a shard that pass the norm limit (all of them without one)."""
         limit = self.norm_limit()
         if limit is None:
-            return shard.rows
+            return self._split_count(shard)
         if shard.index not in self._kept:
-            acts = self.read_shard(shard.index, all_fields=False)["activations"]
+            acts = self._rows_of_split(shard)
             self._kept[shard.index] = int((acts.norm(dim=1) <= limit).sum())
         return self._kept[shard.index]
 
@@ -314,6 +386,7 @@ class ActivationStore:
             lambda: self._epoch_length(shards),
             lambda epoch, row: self._rows_from(shards, epoch, row),
             start_step * batch_size,
+            f"{self.split} split of store {self.path} (held out: every {self.heldout_every}th document)",
         )
         return rebatch(rows, batch_size)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from safetensors import safe_open
 
 from hsae.atomic import write_safetensors, write_text
 from hsae.config import SAEConfig, TrainConfig, from_dict, to_dict
-from hsae.errors import HsaeError
+from hsae.errors import HsaeError, HsaeWarning
 from hsae.eval.core import fvu
 from hsae.models import SAE, SAEOutput, StepContext, get_family
 from hsae.models.base import CONFIG_FILE, init_b_dec_geometric_median, standard_input_scale
@@ -60,11 +61,12 @@ def local_device(device: str | torch.device) -> torch.device:
 
 
 class _Distributed:
-    """torchrun environment: rank, world size; a no-op for a single process."""
+    """torchrun environment: rank, world size; a no-op for a single process, or when this process
+    trains a model of its own (`data_parallel=False`: several SAEs spread over the ranks)."""
 
-    def __init__(self, device: torch.device):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+    def __init__(self, device: torch.device, data_parallel: bool = True):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if data_parallel else 1
+        self.rank = int(os.environ.get("RANK", "0")) if data_parallel else 0
         self.active = self.world_size > 1
         device = local_device(device)
         if device.type == "cuda":
@@ -159,6 +161,7 @@ class Trainer:
         resume: bool = False,
         show_progress: bool = True,
         stop_after: int | None = None,
+        data_parallel: bool = True,
     ):
         self.cfg = train_config
         self.source = source
@@ -172,7 +175,7 @@ class Trainer:
         self.device = torch.device(train_config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HsaeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        self.dist = _Distributed(self.device)
+        self.dist = _Distributed(self.device, data_parallel)
         self.device = self.dist.device
         self.family = get_family(sae_config.arch)
         self.sae_config = sae_config
@@ -292,6 +295,18 @@ class Trainer:
         if start >= cfg.steps:
             return model.eval()
 
+        tokens_per_step = cfg.batch_size * self.dist.world_size
+        # Minimal user sources may not count their rows: no epoch figure then.
+        epoch_rows = getattr(self.source, "epoch_rows", lambda: None)()
+        if epoch_rows and self.dist.is_main and cfg.steps * tokens_per_step > epoch_rows:
+            warnings.warn(
+                HsaeWarning(
+                    f"training reads the data {cfg.steps * tokens_per_step / epoch_rows:.2f} times ({epoch_rows} rows, "
+                    f"{cfg.steps} steps of {tokens_per_step} tokens); harvest more tokens or train fewer steps to "
+                    "see every row once"
+                ),
+                stacklevel=2,
+            )
         wandb_run = self._wandb(model) if self.dist.is_main else None
         batches = self.source.batches(cfg.batch_size, start, self.dist.rank, self.dist.world_size)
         metrics_fh = open(self.out / METRICS_FILE, "a") if self.dist.is_main else None
@@ -337,6 +352,8 @@ class Trainer:
                 tokens += x.shape[0] * self.dist.world_size
                 if log_now:
                     row = self._metrics(done, step_fvu, out, dead, opt, tokens / (time.perf_counter() - t0))
+                    if epoch_rows:
+                        row["epochs"] = done * tokens_per_step / epoch_rows
                     if metrics_fh is not None:
                         metrics_fh.write(json.dumps(row) + "\n")
                         metrics_fh.flush()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import warnings
 
 import typer
 
-from hsae.errors import HsaeError
+from hsae.errors import HsaeError, HsaeWarning
 
 app = typer.Typer(
     name="hsae",
@@ -36,9 +37,21 @@ def _load_commands() -> None:
     _loaded = True
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """hsae's own warnings as one line each; others as Python prints them."""
+    if issubclass(category, HsaeWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     _load_commands()
+    warnings.showwarning = _show_warning
     try:
         app(args=argv, standalone_mode=False)
     except HsaeError as err:

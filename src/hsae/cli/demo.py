@@ -49,7 +49,7 @@ def demo(
             tokens=tokens,
             progress=progress,
         )
-    store = ActivationStore.open(store_dir)
+    store = ActivationStore.open(store_dir, split="train")  # every 20th document held out for the evaluation
 
     typer.echo(f"[2/6] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")
     family = get_family(arch)

@@ -18,23 +18,36 @@ OPTION_HELP = (
 
 
 def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
+    """The source to evaluate a model on, and whether it is held out of the model's training: by
+    default the held-out split of the data it trained on (documents it never saw); with --data,
+    that data (its held-out split if it is the training data itself)."""
     from hsae.config import parse_overrides
     from hsae.models.base import read_config
     from hsae.sources import open_source
 
     record = read_config(model_dir)
     saved = record.get("data") or {}
+    # Held out are the documents a "train" split left out; a run that read every row (recorded with
+    # split "all", or before splits existed) held nothing out.
+    every = int(saved.get("heldout_every") or 0) if saved.get("split") == "train" else 0
+    # (a record without a norm limit, or None, trained on every row: 0 keeps them all)
+    ratio = (saved.get("max_norm_ratio") or 0) if saved.get("kind") == "store" else None
     if data is None:
         if saved.get("kind") == "synthetic":  # the same forest the model was trained on
             opts = {k: str(v) for k, v in saved.items() if k != "kind"}
             opts.update(parse_overrides(synthetic))
-            return open_source("synthetic", synthetic=opts)
-        if saved.get("path"):  # the same rows the model trained on (its norm limit too)
-            # (a record without one, or None, trained on every row: 0 keeps them all)
-            ratio = (saved.get("max_norm_ratio") or 0) if saved.get("kind") == "store" else None
-            return open_source(saved["path"], max_norm_ratio=ratio)
+            return open_source("synthetic", synthetic=opts), True
+        if saved.get("path"):
+            split = "heldout" if every else "all"
+            source = open_source(saved["path"], max_norm_ratio=ratio, split=split, heldout_every=every)
+            return source, bool(every)
         raise typer.BadParameter("give --data: the model's config does not name its training data")
-    return open_source(data, synthetic=parse_overrides(synthetic))
+    if data != "synthetic" and saved.get("path") and Path(data).resolve() == Path(saved["path"]).resolve():
+        split = "heldout" if every else "all"
+        source = open_source(data, max_norm_ratio=ratio, split=split, heldout_every=every)
+        return source, bool(every)
+    # other data than the model trained on: all of it, unseen in training
+    return open_source(data, synthetic=parse_overrides(synthetic), split="all"), True
 
 
 @app.command("eval")
@@ -76,8 +89,10 @@ def run_eval(
     from hsae.eval.run import evaluate
 
     model = hsae.load(model_dir)
-    source = _open_for(model_dir, data, synthetic or [])
-    report = evaluate(model, source, model_dir=model_dir, tokens=tokens, only=metrics or None, options=options)
+    source, heldout = _open_for(model_dir, data, synthetic or [])
+    report = evaluate(
+        model, source, model_dir=model_dir, tokens=tokens, only=metrics or None, options=options, heldout=heldout
+    )
     console = Console()
     for section in report.sections:
         table = Table(title=section.name, show_header=False, title_justify="left")
@@ -85,6 +100,8 @@ def run_eval(
             table.add_row("skipped", section.skipped)
         for key, value in scalar_items(section.metrics):
             table.add_row(key, format_value(value))
+        if section.seconds is not None:
+            table.add_row("seconds", f"{section.seconds:.1f}")
         console.print(table)
     json_path, html_path = report.write(out or model_dir / "eval")
     console.print(f"wrote {json_path} and {html_path}")
@@ -97,6 +114,7 @@ def compare(
     data: str | None = typer.Option(None, help="Activations to evaluate all of them on"),
     tokens: int = typer.Option(65536, help="Tokens to evaluate"),
     out: Path = typer.Option(Path("compare"), help="Report folder"),
+    metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
@@ -107,43 +125,53 @@ def compare(
     from hsae.eval.report import Report
     from hsae.eval.run import evaluate
 
+    # Every folder is checked before the first evaluation starts.
+    models = [(model_dir, hsae.load(model_dir), *_open_for(model_dir, data, synthetic)) for model_dir in model_dirs]
     reports = []
-    for model_dir in model_dirs:
-        model = hsae.load(model_dir)
-        reports.append(
-            (
-                model_dir,
-                evaluate(
-                    model,
-                    _open_for(model_dir, data, synthetic),
-                    model_dir=model_dir,
-                    tokens=tokens,
-                    options=parse_overrides(option),
-                ),
-            )
+    for model_dir, model, source, heldout in models:
+        report = evaluate(
+            model,
+            source,
+            model_dir=model_dir,
+            tokens=tokens,
+            only=metric or None,
+            options=parse_overrides(option),
+            heldout=heldout,
         )
+        reports.append((model_dir, report))
     names = [str(d) for d, _ in reports]
     combined = Report(title="hsae comparison", info={"models": ", ".join(names), "tokens": tokens})
     rows: dict[str, dict[str, object]] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}  # (section, why) -> models
     points = []
     for model_dir, report in reports:
         for section in report.sections:
-            for key, value in scalar_items(section.metrics) if not section.skipped else [("skipped", section.skipped)]:
+            if section.skipped:
+                skipped.setdefault((section.name, section.skipped), []).append(str(model_dir))
+                continue
+            for key, value in scalar_items(section.metrics):
                 rows.setdefault(f"{section.name}.{key}", {})[str(model_dir)] = value
-        core = next(s for s in report.sections if s.name == "core").metrics
-        points.append((f"{model_dir.name} ({report.info['arch']})", core["l0"], core["fvu"]))
+        core = next((s for s in report.sections if s.name == "core" and not s.skipped), None)
+        if core is not None:
+            points.append((f"{model_dir.name} ({report.info['arch']})", core.metrics["l0"], core.metrics["fvu"]))
     for model_dir, report in reports:
         combined.add(
             str(model_dir),
             {f"{s.name}.{k}": v for s in report.sections if not s.skipped for k, v in scalar_items(s.metrics)},
         )
-    combined.figures.append(("FVU against L0, with the Pareto frontier", plots.frontier(points)))
+    if points:
+        combined.figures.append(("FVU against L0, with the Pareto frontier", plots.frontier(points)))
     table = Table(title="comparison")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)  # a metric name is never cut
     for name in names:
         table.add_column(name, justify="right")
     for metric_name, values in rows.items():
         table.add_row(metric_name, *(format_value(values.get(n, "")) for n in names))
-    Console().print(table)
+    width = max([len(m) for m in rows] + [10]) + sum(max(len(n), 10) + 3 for n in names) + 4
+    console = Console()
+    Console(width=max(console.width, width)).print(table)
+    for (section_name, why), which in skipped.items():
+        whose = "all models" if len(which) == len(names) else ", ".join(which)
+        console.print(f"{section_name} skipped ({whose}): {why}")
     json_path, html_path = combined.write(out)
     typer.echo(f"wrote {json_path} and {html_path}")

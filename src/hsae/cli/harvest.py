@@ -36,9 +36,11 @@ def harvest(
     sort_window: int = typer.Option(
         DEFAULT_SORT_WINDOW, "--sort-window", help="Documents sorted by length together (less padding)"
     ),
-    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (the final line is still printed)"),
 ) -> None:
     """Harvest a model's activations on a corpus into a sharded store (resumes an interrupted one)."""
+    from hsae.devices import resolve_device
     from hsae.sources.harvest import check_store_folder, harvest_to_store
     from hsae.sources.hf import Harvester, load_model
     from hsae.sources.text import open_corpus
@@ -48,7 +50,7 @@ def harvest(
     check_store_folder(out)  # refuse a folder holding something else before loading anything
     quiet_transformers()
     console = Console(stderr=True)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=resolve_device(device))
     documents = open_corpus(corpus)
     harvester = Harvester(
         loaded,
@@ -58,11 +60,14 @@ def harvest(
         keep_special=keep_special,
         sort_window=sort_window,
     )
-    with harvest_bar(tokens, console) as progress:
-        store = harvest_to_store(
-            out, harvester, documents, tokens=tokens, dtype=dtype, shard_rows=shard_rows, progress=progress
-        )
-        progress(store.total_rows, tokens)
+    if quiet:
+        store = harvest_to_store(out, harvester, documents, tokens=tokens, dtype=dtype, shard_rows=shard_rows)
+    else:
+        with harvest_bar(tokens, console) as progress:
+            store = harvest_to_store(
+                out, harvester, documents, tokens=tokens, dtype=dtype, shard_rows=shard_rows, progress=progress
+            )
+            progress(store.total_rows, tokens)
     note = "" if store.total_rows == tokens else f" (the corpus ended before {tokens})"
     console.print(
         f"{store.total_rows} rows{note} of {', '.join(store.hooks)} (width {store.d_in}, {dtype}) "
@@ -73,20 +78,29 @@ def harvest(
 @app.command()
 def hooks(
     model: str | None = typer.Argument(None, help="Hub name or local model folder (default: embedded MiniLM)"),
-    device: str | None = typer.Option(None, help="cpu or cuda"),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"),
+    all_sites: bool = typer.Option(
+        False, "--all", help="Also list modules that pass their input through unchanged (Dropout, Identity, ...)"
+    ),
 ) -> None:
-    """List a model's hookable modules (one activation per token) with their output widths."""
+    """List a model's hookable modules (one activation per token) with their output widths; --hook
+    takes the module name or its TransformerLens name (blocks.L.hook_resid_pre is a block's input)."""
+    from hsae.devices import resolve_device
     from hsae.sources.hf import hook_sites, load_model
 
     quiet_transformers()
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=resolve_device(device))
     sites = hook_sites(loaded)
+    shown = [s for s in sites if all_sites or not s.passes_input_through]
     table = Table(title=f"hook sites of {loaded.name}", title_justify="left")
     for column in ("module", "type", "width", "TransformerLens"):
         table.add_column(column, no_wrap=True)
-    for site in sites:
+    for site in shown:
         table.add_row(site.name, site.module_type, str(site.width), site.transformer_lens or "")
     # Full module names matter more than fitting an 80-column pipe: widen the console to fit them.
-    needed = 13 + max(len(s.name) for s in sites) + max(len(s.module_type) for s in sites) + 5 + 26
+    needed = 13 + max(len(s.name) for s in shown) + max(len(s.module_type) for s in shown) + 5 + 26
     console = Console()
     Console(width=max(console.width, needed)).print(table)
+    hidden = len(sites) - len(shown)
+    if hidden:
+        console.print(f"({hidden} modules that pass their input through unchanged are hidden: --all lists them)")

@@ -22,6 +22,30 @@ def last_metrics(directory: Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+def flat_items(values: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested config values as (dotted key, readable value) rows: no JSON blobs in the table."""
+    rows = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += flat_items(value, name + ".") if value else [(name, "-")]
+        elif isinstance(value, (list, tuple)):
+            rows.append((name, ", ".join(_readable(v) for v in value) if value else "-"))
+        else:
+            rows.append((name, _readable(value)))
+    return rows
+
+
+def _readable(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_readable(v)}" for k, v in value.items())
+    return str(value)
+
+
 @app.command()
 def info(directory: Path = typer.Argument(..., help="A model folder written by `hsae train`")) -> None:
     """Print a model's config and the metrics of its last training step."""
@@ -32,8 +56,10 @@ def info(directory: Path = typer.Argument(..., help="A model folder written by `
         if not values:
             continue
         table = Table(title=section, show_header=False, title_justify="left")
-        for key, value in values.items():
-            table.add_row(key, json.dumps(value) if not isinstance(value, str) else value)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        for key, value in flat_items(values):
+            table.add_row(key, value)
         console.print(table)
     metrics = last_metrics(directory)
     if metrics:

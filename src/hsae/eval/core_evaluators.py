@@ -22,7 +22,7 @@ def core(ctx: EvalContext) -> dict[str, Any]:
     codes, x_hat = ctx.codes_and_recon()
     acc = CoreAccumulator(ctx.model.n_latents)
     acc.update(ctx.x, x_hat, codes)
-    result = acc.result()
+    result = {"heldout": ctx.heldout, **acc.result()}
     ctx.cache["core"] = result
     return result
 

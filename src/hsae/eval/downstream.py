@@ -63,9 +63,10 @@ _BASELINES: dict[str, Any] = {}
 
 # ----- metric functions (tensors in, numbers out) --------------------------------------------------
 def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
-    """(ce_zero - ce_sae) / (ce_zero - ce_clean); NaN when the zero ablation costs nothing."""
+    """(ce_zero - ce_sae) / (ce_zero - ce_clean); NaN when the zero ablation costs nothing or even
+    lowers the loss (e.g. a random model): the ratio then measures nothing."""
     denom = ce_zero - ce_clean
-    return float("nan") if abs(denom) < 1e-12 else (ce_zero - ce_sae) / denom
+    return float("nan") if denom < 1e-12 else (ce_zero - ce_sae) / denom
 
 
 def kl_div_score(kl_sae: float, kl_zero: float) -> float:
@@ -267,6 +268,14 @@ def downstream(ctx: EvalContext) -> dict[str, Any]:
                 "ce_sae": ce_sae,
                 "ce_zero": ce_zero,
                 "loss_recovered": loss_recovered(ce_clean, ce_sae, ce_zero),
+                **(
+                    {}
+                    if ce_zero > ce_clean
+                    else {
+                        "loss_recovered_note": f"meaningless here: the zero-ablated loss ({ce_zero:.4g}) is not above "
+                        f"the clean loss ({ce_clean:.4g}), so the hook does not matter to this model's loss"
+                    }
+                ),
                 "kl_sae": kl_sae,
                 "kl_zero": kl_zero,
                 "kl_div_score": kl_div_score(kl_sae, kl_zero),

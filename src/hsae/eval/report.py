@@ -20,9 +20,13 @@ class Section:
     name: str
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None  # why this section could not be computed
+    seconds: float | None = None  # how long the section took
 
     def to_json(self) -> dict[str, Any]:
-        return {"skipped": self.skipped} if self.skipped else dict(self.metrics)
+        out = {"skipped": self.skipped} if self.skipped else dict(self.metrics)
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 3)
+        return out
 
 
 @dataclass
@@ -32,8 +36,10 @@ class Report:
     sections: list[Section] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, svg)
 
-    def add(self, name: str, metrics: dict[str, Any] | None = None, skipped: str | None = None) -> Section:
-        section = Section(name, metrics or {}, skipped)
+    def add(
+        self, name: str, metrics: dict[str, Any] | None = None, skipped: str | None = None, seconds: float | None = None
+    ) -> Section:
+        section = Section(name, metrics or {}, skipped, seconds)
         self.sections.append(section)
         return section
 

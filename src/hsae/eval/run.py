@@ -9,6 +9,7 @@ functions; `hsae eval` and `hsae compare` pick them up.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class EvalContext:
     source: Any  # the ActivationSource evaluated on
     x: Tensor  # evaluation activations (raw units)
     options: dict[str, Any] = field(default_factory=dict)
+    heldout: bool = False  # whether x was left out of the model's training
     cache: dict[str, Any] = field(default_factory=dict)  # shared results (codes, x_hat, core metrics)
 
     def codes_and_recon(self, batch_size: int = 8192) -> tuple[SparseCodes, Tensor]:
@@ -80,15 +82,12 @@ def evaluators() -> dict[str, Evaluator]:
     return dict(_EVALUATORS)
 
 
-def gather(source, tokens: int, batch_size: int = 4096) -> Tensor:
-    """The first `tokens` rows of the source's held-out order."""
-    rows, have = [], 0
-    for batch in source.batches(min(batch_size, tokens), start_step=0):
-        rows.append(batch)
-        have += batch.shape[0]
-        if have >= tokens:
-            break
-    return torch.cat(rows)[:tokens]
+def gather(source, tokens: int) -> Tensor:
+    """Up to `tokens` rows of the source, each at most once (the source's fixed sample: for a store,
+    the first rows of its shuffled order, so a split smaller than `tokens` is read whole)."""
+    if tokens <= 0:
+        raise HsaeError(f"--tokens must be positive, got {tokens}")
+    return source.sample(tokens)
 
 
 def evaluate(
@@ -99,7 +98,11 @@ def evaluate(
     tokens: int = 65536,
     only: list[str] | None = None,
     options: dict[str, Any] | None = None,
+    heldout: bool | None = None,
 ) -> Report:
+    """Every registered evaluator (or those in `only`) on up to `tokens` rows of `source`. `heldout`
+    says whether those rows were left out of training (default: the source's split says, and a
+    synthetic source's evaluation sample is held out by construction); the core section reports it."""
     if model.d_in != source.d_in:
         raise HsaeError(
             f"the model was trained on width {model.d_in} but the data has width {source.d_in}; "
@@ -111,7 +114,11 @@ def evaluate(
         x, truth = sample.x, sample.true_acts
     else:
         x = gather(source, tokens)
-    ctx = EvalContext(model=model, model_dir=model_dir, source=source, x=x, options=dict(options or {}))
+    if heldout is None:
+        heldout = truth is not None or source.describe().get("split") == "heldout"
+    ctx = EvalContext(
+        model=model, model_dir=model_dir, source=source, x=x, options=dict(options or {}), heldout=heldout
+    )
     if truth is not None:
         ctx.cache["true_acts"] = truth
     report = Report(
@@ -132,12 +139,13 @@ def evaluate(
     for name, fn in registry.items():
         if only and name not in only:
             continue
+        started = time.perf_counter()
         try:
             metrics = fn(ctx)
         except Skip as why:
-            report.add(name, skipped=str(why))
+            report.add(name, skipped=str(why), seconds=time.perf_counter() - started)
             continue
-        report.add(name, metrics)
+        report.add(name, metrics, seconds=time.perf_counter() - started)
         if name in _FIGURES:
             report.figures.extend(_FIGURES[name](ctx, metrics))
     return report

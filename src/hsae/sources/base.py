@@ -26,5 +26,9 @@ class ActivationSource(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]:
-        """What to record in config.json's "data" section (kind, path, model, hook, ...)."""
+        """What to record in config.json's "data" section (kind, path, model, hook, split, ...)."""
+        ...
+
+    def epoch_rows(self) -> int | None:
+        """Rows one pass over the data reads (the trainer reports epochs), None when endless or unknown."""
         ...

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from hsae.errors import HsaeError
+from hsae.sources.stream import DEFAULT_HELDOUT_EVERY, check_batch_request, check_split, in_split
 
 TENSOR_NAME = "activations"
 _FLOAT_DTYPES = {np.dtype("float16"), np.dtype("float32"), np.dtype("float64")}
@@ -78,38 +79,57 @@ def load_activation_file(path: str | Path) -> Tensor:
 
 
 class ArrayActivations:
-    """An in-memory (or memory-mapped) activation matrix as an ActivationSource."""
+    """An in-memory (or memory-mapped) activation matrix as an ActivationSource. `split` reads the
+    training rows, the held-out ones (every `heldout_every`-th row) or all (the default for an array
+    given in code; `hsae.sources.open_source` holds rows out of training by default)."""
 
-    def __init__(self, data: Tensor, seed: int = 0, description: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        data: Tensor,
+        seed: int = 0,
+        description: dict[str, Any] | None = None,
+        *,
+        split: str = "all",
+        heldout_every: int = DEFAULT_HELDOUT_EVERY,
+    ):
+        check_split(split, heldout_every)
         self.data = data
         self.seed = seed
         self.d_in = int(data.shape[1])
-        self._description = description or {"kind": "array"}
+        self.split, self.heldout_every = split, heldout_every
+        self.rows = torch.nonzero(in_split(torch.arange(data.shape[0]), split, heldout_every)).squeeze(1)
+        self._description = {**(description or {"kind": "array"}), "split": split, "heldout_every": heldout_every}
 
     @classmethod
-    def from_file(cls, path: str | Path, seed: int = 0) -> ArrayActivations:
+    def from_file(
+        cls, path: str | Path, seed: int = 0, *, split: str = "train", heldout_every: int = DEFAULT_HELDOUT_EVERY
+    ) -> ArrayActivations:
         data = load_activation_file(path)
-        return cls(
-            data,
-            seed,
-            {
-                "kind": "file",
-                "path": str(Path(path).resolve()),
-                "rows": data.shape[0],
-                "d_in": data.shape[1],
-                "dtype": str(data.dtype).replace("torch.", ""),
-            },
-        )
+        description = {
+            "kind": "file",
+            "path": str(Path(path).resolve()),
+            "rows": data.shape[0],
+            "d_in": data.shape[1],
+            "dtype": str(data.dtype).replace("torch.", ""),
+        }
+        return cls(data, seed, description, split=split, heldout_every=heldout_every)
+
+    def epoch_rows(self) -> int:
+        return int(self.rows.numel())
 
     def _epoch_order(self, epoch: int) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.data.shape[0], generator=gen)
+        return self.rows[torch.randperm(self.rows.numel(), generator=gen)]
 
     def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
-        n = self.data.shape[0]
+        check_batch_request(batch_size, rank, world_size)
+        n = self.rows.numel()
         per_step = batch_size * world_size
         if per_step > n:
-            raise HsaeError(f"the data has {n} rows but one step needs {per_step}; lower --batch-size or add data")
+            raise HsaeError(
+                f"the data has {n} rows ({self.split} split) but one step needs {per_step}; lower --batch-size "
+                "or add data"
+            )
         steps_per_epoch = n // per_step
         step = start_step
         epoch, order = -1, None

@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from hsae.errors import HsaeError
-from hsae.sources.stream import check_batch_request, endless_rows, rebatch, window_permutation
+from hsae.sources.stream import (
+    DEFAULT_HELDOUT_EVERY,
+    check_batch_request,
+    check_split,
+    endless_rows,
+    rebatch,
+    window_permutation,
+)
 from hsae.sources.text import describe_corpus
 
 DEFAULT_HOOK = "encoder.layer.3"
@@ -229,6 +236,9 @@ class HookSite:
     module_type: str
     width: int  # last dimension of the output: the SAE's d_in
     transformer_lens: str | None
+    # The output is the module's input unchanged in inference (Dropout, Identity, ...): the same
+    # activations as the site before it, hidden from `hsae hooks` unless asked for.
+    passes_input_through: bool = False
 
 
 def _probe_batch(loaded: LoadedModel) -> dict[str, Tensor]:
@@ -242,6 +252,7 @@ def hook_sites(loaded: LoadedModel) -> list[HookSite]:
     batch = _probe_batch(loaded)
     shape = tuple(batch["input_ids"].shape)
     widths: dict[str, int] = {}
+    pass_through: set[str] = set()
     handles = []
 
     def recorder(name: str):
@@ -249,6 +260,9 @@ def hook_sites(loaded: LoadedModel) -> list[HookSite]:
             out = _first_tensor(output)
             if isinstance(out, Tensor) and out.dim() == 3 and tuple(out.shape[:2]) == shape:
                 widths.setdefault(name, int(out.shape[-1]))
+                first = args[0] if args else None
+                if isinstance(first, Tensor) and first.shape == out.shape and torch.equal(first, out):
+                    pass_through.add(name)
             # the heads before an attention output projection (any module's input can be hooked;
             # these are the ones with a TransformerLens name, listed so users find them)
             x = args[0] if args else None
@@ -272,11 +286,33 @@ def hook_sites(loaded: LoadedModel) -> list[HookSite]:
         for handle in handles:
             handle.remove()
     return [  # in the model's own module order (a module's input before its output), not the order the hooks fired
-        HookSite(site, type(module).__name__, widths[site], transformer_lens_name(site))
+        HookSite(site, type(module).__name__, widths[site], transformer_lens_name(site), site in pass_through)
         for name, module in loaded.model.named_modules()
         for site in (name + INPUT_SUFFIX, name)
         if site in widths
     ]
+
+
+def canonical_hook(model: nn.Module, hook: str) -> str:
+    """The module-path name of a hook given by module path or by TransformerLens name:
+    `blocks.3.hook_resid_post` is the output of the block whose name maps to it (encoder.layer.3,
+    transformer.h.3, ...), `blocks.3.hook_resid_pre` that block's input (its ":input" site),
+    `blocks.3.attn.hook_z` the input of the attention output projection, and so on. A module path
+    is returned as it is."""
+    name, _ = split_hook(hook)
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return hook
+    pre = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
+    wanted = f"blocks.{pre.group(1)}.hook_resid_post" if pre else hook
+    for module_name in modules:
+        if not module_name:
+            continue
+        if transformer_lens_name(module_name) == wanted:
+            return module_name + INPUT_SUFFIX if pre else module_name
+        if not pre and transformer_lens_name(module_name + INPUT_SUFFIX) == wanted:
+            return module_name + INPUT_SUFFIX
+    return hook  # unknown: resolve_hooks names the closest modules
 
 
 def resolve_hooks(model: nn.Module, hooks: Sequence[str]) -> dict[str, nn.Module]:
@@ -307,7 +343,7 @@ class HookedModel:
 
     def __init__(self, loaded: LoadedModel, hooks: Sequence[str], *, early_stop: bool = True):
         self.loaded = loaded
-        self.hooks = list(hooks)
+        self.hooks = [canonical_hook(loaded.model, h) for h in hooks]
         self.modules = resolve_hooks(loaded.model, self.hooks)
         self.early_stop = early_stop
         # (hook, n): stop when `hook` has fired n times; learned from the first (full) forward pass.
@@ -582,7 +618,11 @@ class ModelActivationSource:
         max_length: int | None = None,
         keep_special: bool = False,
         sort_window: int = DEFAULT_SORT_WINDOW,
+        split: str = "train",
+        heldout_every: int = DEFAULT_HELDOUT_EVERY,
     ):
+        check_split(split, heldout_every)
+        self.split, self.heldout_every = split, heldout_every
         self.harvester = Harvester(
             loaded,
             [hook],
@@ -591,11 +631,11 @@ class ModelActivationSource:
             keep_special=keep_special,
             sort_window=sort_window,
         )
-        self.hook = hook
+        self.hook = self.harvester.hooks[0]  # the module path, whatever name `hook` gave
         self.corpus = corpus
         self.seed = seed
         self.buffer_rows = buffer_rows
-        self.d_in = self.harvester.hooked.widths()[hook]
+        self.d_in = self.harvester.hooked.widths()[self.hook]
 
     def describe(self) -> dict[str, Any]:
         corpus = describe_corpus(self.corpus)
@@ -609,12 +649,18 @@ class ModelActivationSource:
             "seed": self.seed,
             "buffer_rows": self.buffer_rows,
             **self.harvester.describe(),
+            "split": self.split,
+            "heldout_every": self.heldout_every,
         }
 
+    def epoch_rows(self) -> int | None:
+        return None  # known only after tokenizing the whole corpus, which training does not need
+
     def _documents(self, rank: int, world_size: int) -> Iterable[str]:
+        documents = _SplitDocuments(self.corpus, self.split, self.heldout_every)
         if world_size == 1:
-            return self.corpus
-        return _EveryNth(self.corpus, rank, world_size)
+            return documents
+        return _EveryNth(documents, rank, world_size)
 
     def _epoch_rows(self, start: RowPlace, rank: int, world_size: int) -> Iterator[Tensor]:
         """Row blocks of one epoch, from the row at place `start` on."""
@@ -683,6 +729,20 @@ class ModelActivationSource:
         if not blocks:
             raise HsaeError("the corpus gives no tokens to harvest")
         return torch.cat(blocks)[:n]
+
+
+class _SplitDocuments:
+    """The documents of a corpus in one split (hsae.sources.stream.in_split by document number), re-iterable."""
+
+    def __init__(self, corpus: Iterable[str], split: str, heldout_every: int):
+        self.corpus, self.split, self.heldout_every = corpus, split, heldout_every
+
+    def __iter__(self) -> Iterator[str]:
+        if self.split == "all" or self.heldout_every == 0:
+            return iter(self.corpus)
+        held = self.heldout_every - 1
+        keep_held = self.split == "heldout"
+        return (doc for i, doc in enumerate(self.corpus) if (i % self.heldout_every == held) == keep_held)
 
 
 class _EveryNth:

@@ -199,6 +199,9 @@ class SyntheticSource:
     def sample(self, n: int) -> Tensor:
         return self.sample_with_truth(n).x
 
+    def epoch_rows(self) -> int | None:
+        return None  # an endless stream: every batch is new
+
     def sample_with_truth(self, n: int, stream: int = -1) -> SyntheticBatch:
         """A fixed sample (stream -1 is held out from training batches) with its true activations."""
         return self.forest.sample(n, _generator(self.config.seed, stream, -7))
