@@ -32,6 +32,7 @@ def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
     every = int(saved.get("heldout_every") or 0) if saved.get("split") == "train" else 0
     # (a record without a norm limit, or None, trained on every row: 0 keeps them all)
     ratio = (saved.get("max_norm_ratio") or 0) if saved.get("kind") == "store" else None
+    hook = saved.get("hook") if saved.get("kind") == "store" else None  # a store may hold several
     if data is None:
         if saved.get("kind") == "synthetic":  # the same forest the model was trained on
             opts = {k: str(v) for k, v in saved.items() if k != "kind"}
@@ -39,12 +40,12 @@ def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
             return open_source("synthetic", synthetic=opts), True
         if saved.get("path"):
             split = "heldout" if every else "all"
-            source = open_source(saved["path"], max_norm_ratio=ratio, split=split, heldout_every=every)
+            source = open_source(saved["path"], max_norm_ratio=ratio, hook=hook, split=split, heldout_every=every)
             return source, bool(every)
         raise typer.BadParameter("give --data: the model's config does not name its training data")
     if data != "synthetic" and saved.get("path") and Path(data).resolve() == Path(saved["path"]).resolve():
         split = "heldout" if every else "all"
-        source = open_source(data, max_norm_ratio=ratio, split=split, heldout_every=every)
+        source = open_source(data, max_norm_ratio=ratio, hook=hook, split=split, heldout_every=every)
         return source, bool(every)
     # other data than the model trained on: all of it, unseen in training
     return open_source(data, synthetic=parse_overrides(synthetic), split="all"), True
