@@ -99,6 +99,14 @@ class ImageCollection:
         """What a store records about its images (the per-image index goes to `index_records`)."""
         return {**self._info, "images": len(self.items), "labels": list(self.labels)}
 
+    def head(self, n: int) -> ImageCollection:
+        """The first n images (same numbering and labels), e.g. for a quick run."""
+        if n <= 0:
+            raise HsaeError(f"the number of images must be positive, got {n}")
+        if n >= len(self.items):
+            return self
+        return ImageCollection(self.name, self.items[:n], self.labels, self._read, {**self._info, "first": n})
+
     def index_records(self) -> list[dict[str, Any]]:
         """One record per image: id, name, label (its name) and caption."""
         return [
@@ -184,7 +192,7 @@ def tuxpaint_stamps() -> ImageCollection:
 
 # --- IDX files (Fashion-MNIST) ----------------------------------------------------------------
 
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+_IDX_TYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: Path) -> np.ndarray:
