@@ -35,11 +35,15 @@ def auxk_term(W_dec: Tensor, aux_coef: float, xn: Tensor, xn_hat: Tensor, values
     return aux_coef * torch.nan_to_num((residual_hat - residual).pow(2).sum(-1).mean())
 
 
-def auxk_loss(model: Any, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None) -> dict[str, Tensor]:
+def auxk_loss(
+    model: Any, xn: Tensor, pre: Tensor, xn_hat: Tensor, ctx: StepContext | None, scores: Tensor | None = None
+) -> dict[str, Tensor]:
     """{"auxk": ...} of the dense formulation (gradients flow through `pre`), or {} when it does not
-    apply this step."""
+    apply this step. `scores`, if given, choose the dead latents' entries (values still from `pre`)."""
     dead_cols, k_aux = aux_plan(model, ctx)
     if dead_cols is None:
         return {}
-    values, pos = pre.index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False)
+    chooser = pre if scores is None else scores
+    pos = chooser.index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False).indices
+    values = pre.index_select(1, dead_cols).gather(1, pos)
     return {"auxk": auxk_term(model.W_dec, model.config.aux_coef, xn, xn_hat, values.relu(), dead_cols[pos])}

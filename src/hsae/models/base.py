@@ -162,6 +162,11 @@ class SAE(nn.Module, Generic[C]):
         """Pre-activations to codes: the family's nonlinearity."""
         raise NotImplementedError
 
+    def select(self, xn: Tensor, pre: Tensor) -> Codes:
+        """The training forward's codes of normalised inputs xn with pre-activations `pre` (a family
+        that chooses entries by other scores than `pre` overrides this, e.g. TopK's bf16 screening)."""
+        return self.activate(pre)
+
     def encode_normalized(self, xn: Tensor, k: int | None = None) -> Codes:
         return self.activate(self.pre_activations(xn), k)
 
@@ -185,7 +190,7 @@ class SAE(nn.Module, Generic[C]):
         """The reference formulation: encode, decode and every loss term, all through autograd."""
         xn = self.scale_in(x)
         pre = self.pre_activations(xn)
-        codes = self.activate(pre)
+        codes = self.select(xn, pre)
         xn_hat = self.decode_normalized(codes)
         losses = {"mse": (xn_hat - xn).pow(2).sum(-1).mean()}
         losses.update(self.extra_losses(xn, pre, codes, xn_hat, ctx))

@@ -12,8 +12,11 @@ and all four gradients. The cost of a step is the encoder matmul plus O(k + k_au
 the same codes, losses and gradients as `forward` (tests/test_kernels.py). Peak memory is about
 parameters + Adam state + batch + gradients + two (n, d_in) tensors + one pre-activation chunk.
 
-`compute_dtype = "bfloat16"` runs the encoder matmul in bf16 (weights stay float32; on CPUs with
-AVX-512 bf16/AMX and on GPUs it is several times faster); everything else stays float32.
+`compute_dtype = "bfloat16"` chooses the active latents from a bf16 encoder matmul (several times
+faster on CPUs with AVX-512 bf16/AMX and on GPUs) and then computes their values exactly in float32
+(k dot products per token), so codes, losses and gradients are the float32 model's at the chosen
+entries; only near-ties at the k-th value may choose differently (`benchmarks/train_speed.py`
+measures how often). Weights stay float32. Implemented for this family (per-token TopK) only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from hsae.models.base import SAE, StepContext, TrainStep
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.registry import register
 from hsae.models.sparse.ops import compute_dtype_of, encoder_matmul, remove_parallel_component_
+from hsae.models.sparse.selection import exact_values
 from hsae.models.sparse.steps import FusedTopKStep, PerTokenTopK
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -53,6 +57,8 @@ class TopKConfig(SAEConfig):
             raise HsaeError("aux_coef must be >= 0")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise HsaeError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.compute_dtype != "float32" and self.arch != "topk":
+            raise HsaeError(f"compute_dtype {self.compute_dtype} (screened selection) is implemented for topk only")
 
 
 def topk_codes(pre: Tensor, k: int) -> SparseCodes:
@@ -75,21 +81,44 @@ class TopKSAE(SAE[TC]):
             raise HsaeError(f"k must be between 1 and {self.n_latents}, got {k}")
         return topk_codes(pre, k)
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """dtype of the matmul that chooses the active latents; None: the weights' own (exact)."""
+        name = self.config.compute_dtype
+        return None if name == "float32" else compute_dtype_of(name)
+
+    def screening_scores(self, xn: Tensor) -> Tensor | None:
+        """The low-precision pre-activations that choose the active latents (no autograd), or None
+        when the exact ones choose them."""
+        if self.compute_dtype is None:
+            return None
+        with torch.no_grad():
+            return encoder_matmul(xn - self.b_dec, self.W_enc, self.b_enc, self.compute_dtype)
+
+    def select(self, xn: Tensor, pre: Tensor) -> Codes:
+        scores = self.screening_scores(xn)
+        if scores is None:
+            return self.activate(pre)
+        indices = scores.topk(self.config.require_k(), dim=-1, sorted=False).indices
+        return SparseCodes(indices, pre.gather(1, indices).relu(), self.n_latents)
+
+    def encode_normalized(self, xn: Tensor, k: int | None = None) -> Codes:
+        scores = self.screening_scores(xn)
+        if scores is None:
+            return self.activate(self.pre_activations(xn), k)
+        k = k or self.config.require_k()
+        if not 0 < k <= self.n_latents:
+            raise HsaeError(f"k must be between 1 and {self.n_latents}, got {k}")
+        indices = scores.topk(k, dim=-1, sorted=False).indices
+        values = exact_values(xn - self.b_dec, self.W_enc.t().contiguous(), self.b_enc, indices)
+        return SparseCodes(indices, values, self.n_latents)
+
     def aux_k(self) -> int:
         """Latents used by the AuxK term: config.aux_k, or d_in // 2 (as in sparsify)."""
         return self.config.aux_k or max(1, self.d_in // 2)
 
     def extra_losses(self, xn, pre, codes, xn_hat, ctx: StepContext | None) -> dict[str, Tensor]:
-        return auxk_loss(self, xn, pre, xn_hat, ctx)
-
-    @property
-    def compute_dtype(self) -> torch.dtype | None:
-        """dtype of the encoder matmul; None: the weights' own (float32 means "no cast")."""
-        name = self.config.compute_dtype
-        return None if name == "float32" else compute_dtype_of(name)
-
-    def pre_activations(self, xn: Tensor) -> Tensor:
-        return encoder_matmul(xn - self.b_dec, self.W_enc, self.b_enc, self.compute_dtype)
+        return auxk_loss(self, xn, pre, xn_hat, ctx, self.screening_scores(xn))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:

@@ -333,6 +333,15 @@ def iter_pre_chunks(
 
 
 @torch.no_grad()
+def exact_values(xc: Tensor, W_enc_t: Tensor, b_enc: Tensor, indices: Tensor) -> Tensor:
+    """ReLU'd pre-activations xc[r] . W_enc[:, j] + b_enc[j] at the selected entries (r, indices[r, i])
+    only, in the weights' dtype: k dot products per row (W_enc_t is W_enc transposed, contiguous)."""
+    rows = W_enc_t.index_select(0, indices.reshape(-1)).view(*indices.shape, -1)  # (c, k, d)
+    values = torch.bmm(rows, xc.to(W_enc_t.dtype).unsqueeze(2)).squeeze(2)
+    return values.add_(b_enc[indices]).relu_()
+
+
+@torch.no_grad()
 def encode_topk_chunked(
     xc: Tensor,
     W_enc: Tensor,
@@ -347,8 +356,13 @@ def encode_topk_chunked(
     b_dec: Tensor | None = None,
 ) -> TopKSelection:
     """TopK codes (and AuxK entries among `dead_cols`) of pre = (scale * xc - b_dec) @ W_enc + b_enc
-    (by default xc is already xn - b_dec), computing the pre-activations `chunk_rows` rows at a time."""
+    (by default xc is already xn - b_dec), computing the pre-activations `chunk_rows` rows at a time.
+    With a `compute_dtype` other than the weights' (bf16), that matmul only *chooses* the entries:
+    their values are then computed exactly in the weights' dtype (`exact_values`), so codes, losses
+    and gradients are those of the full-precision model at the chosen entries."""
     n = xc.shape[0]
+    screened = compute_dtype is not None and compute_dtype != W_enc.dtype
+    W_enc_t = W_enc.t().contiguous() if screened else W_enc
     values = torch.empty(n, k, dtype=W_enc.dtype, device=xc.device)
     indices = torch.empty(n, k, dtype=torch.long, device=xc.device)
     aux = dead_cols is not None and k_aux > 0
@@ -362,6 +376,12 @@ def encode_topk_chunked(
         topk_select(pre, k, values[s:e], indices[s:e])
         if dead_cols is not None and aux:
             aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
+        if screened:
+            rows = xc[s:e] * scale if scale != 1.0 else xc[s:e]
+            rows = rows - b_dec if b_dec is not None else rows
+            values[s:e] = exact_values(rows, W_enc_t, b_enc, indices[s:e])
+            if dead_cols is not None and aux:
+                aux_values[s:e] = exact_values(rows, W_enc_t, b_enc, aux_indices[s:e])
     if aux:
         return TopKSelection(values, indices, aux_values, aux_indices)
     return TopKSelection(values, indices)

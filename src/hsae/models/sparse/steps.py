@@ -124,7 +124,14 @@ class FusedTopKStep:
         if dense:
             assert dead_cols is not None
             z = dense_aux_codes(
-                x, cfg.input_scale, model.W_enc.detach(), model.b_enc.detach(), model.b_dec.detach(), dead_cols, k_aux
+                x,
+                cfg.input_scale,
+                model.W_enc.detach(),
+                model.b_enc.detach(),
+                model.b_dec.detach(),
+                dead_cols,
+                k_aux,
+                model.compute_dtype,
             )
             dense_aux = (dead_cols, z)
         weights = (model.W_enc, model.b_enc, model.W_dec, model.b_dec)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.sparse.ops import group_by_latent, segment_sum_transposed
+from hsae.models.sparse.ops import encoder_matmul, group_by_latent, segment_sum_transposed
 from hsae.models.sparse.selection import TopKSelection
 
 
@@ -240,14 +240,25 @@ def selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.no_grad()
 def dense_aux_codes(
-    x: Tensor, scale: float, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dead_cols: Tensor, k_aux: int
+    x: Tensor,
+    scale: float,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    dead_cols: Tensor,
+    k_aux: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The AuxK codes as a dense (n, n_dead) block over the dead latents' columns: their
     pre-activations (scale * x - b_dec) @ W_enc[:, dead] + b_enc[dead], the k_aux largest of each
-    row kept (ReLU'd), the rest 0 (no autograd)."""
-    pre = torch.addmm(b_enc.index_select(0, dead_cols), x * scale - b_dec, W_enc.index_select(1, dead_cols))
-    values, pos = pre.topk(k_aux, dim=1, sorted=False)
-    return torch.zeros_like(pre).scatter_(1, pos, values.relu_())
+    row kept (ReLU'd), the rest 0 (no autograd). With `compute_dtype` (screened selection) a matmul
+    in that dtype chooses the k_aux entries and the exact pre-activations give their values."""
+    xc = x * scale - b_dec
+    W_dead, b_dead = W_enc.index_select(1, dead_cols), b_enc.index_select(0, dead_cols)
+    pre = torch.addmm(b_dead, xc, W_dead)
+    chooser = pre if compute_dtype is None else encoder_matmul(xc, W_dead, b_dead, compute_dtype)
+    pos = chooser.topk(k_aux, dim=1, sorted=False).indices
+    return torch.zeros_like(pre).scatter_(1, pos, pre.gather(1, pos).relu_())
 
 
 def sparse_topk_step(
