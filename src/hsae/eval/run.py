@@ -29,6 +29,7 @@ EVALUATOR_MODULES = [
     "hsae.eval.downstream",
     "hsae.eval.absorption",
     "hsae.eval.wordnet",
+    "hsae.eval.over_k_evaluator",
 ]
 
 
