@@ -7,7 +7,7 @@ model's pre-activations (`encode(x, k=k)`), and the metrics are
 - cknna_recon and cknna_codes: CKNNA (hsae.eval.cknna) between the inputs and the reconstructions,
   and between the inputs and the codes, per batch of `batch_size` rows, averaged.
 
-The pre-activations of a batch are computed once and read at every k. The result is one row per k,
+The result is one row per k,
 ascending: a sparsity-fidelity curve of one model (`hsae eval DIR -o ks=16,32,...`, the
 `over_k` evaluator).
 """
@@ -69,10 +69,9 @@ def evaluate_over_k(
     n = x.shape[0]
     for start in range(0, n, batch_size):
         xb = x[start : start + batch_size]
-        pre = model.pre_activations(model.scale_in(xb))
         score = xb.shape[0] > neighbours  # a last batch too small for neighbourhoods gets no CKNNA
         for k in ks:
-            codes = model.activate(pre, k)
+            codes = model.encode(xb, k=k)
             x_hat = model.decode(codes).to(xb.dtype)
             accs[k].update(xb, x_hat, codes)
             if score:
