@@ -7,6 +7,8 @@ Every measurement runs in a fresh child process, so its peak resident memory (ru
 Modes, all over the same token-budget batches:
   full forward   `model(**batch)` with no hooks, then the same row selection (the baseline)
   early stop     the harvester: hooks, forward stopped right after the hooked module
+  bf16           the same with the forward under bf16 autocast (`--compute-dtype bfloat16`), with the
+                 activation error against the float32 harvest of the same rows
   -> store       the harvester writing a float16 store (shards, checksums, manifest)
 """
 
@@ -51,7 +53,14 @@ def worker(mode: str, hook: str, docs: int, batch_tokens: int, device: str, repe
     logging.disable_progress_bar()
     texts, _ = documents(docs)
     loaded = load_model(device=device)
-    harvester = Harvester(loaded, [hook], batch_tokens=batch_tokens, max_length=128, early_stop=mode != "full")
+    harvester = Harvester(
+        loaded,
+        [hook],
+        batch_tokens=batch_tokens,
+        max_length=128,
+        early_stop=mode != "full",
+        compute_dtype="bfloat16" if mode == "bf16" else "float32",
+    )
     plans = list(harvester.plan(texts))
     keep_special = harvester.keep_special
 
@@ -77,7 +86,7 @@ def worker(mode: str, hook: str, docs: int, batch_tokens: int, device: str, repe
             )
             return store.total_rows
 
-    run = {"full": full_forward, "early": early_stop, "store": to_store}[mode]
+    run = {"full": full_forward, "early": early_stop, "bf16": early_stop, "store": to_store}[mode]
     run()  # warm-up (and, for the harvester, the one full pass that learns where to stop)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -89,7 +98,17 @@ def worker(mode: str, hook: str, docs: int, batch_tokens: int, device: str, repe
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+    error = {}
+    if mode == "bf16":  # against the float32 harvest of the same rows
+        exact = Harvester(loaded, [hook], batch_tokens=batch_tokens, max_length=128)
+        a = torch.cat([exact.run(p).activations[hook] for p in plans]).double()
+        b = torch.cat([harvester.run(p).activations[hook] for p in plans]).double()
+        error = {
+            "rel_error": float((a - b).norm(dim=1).mean() / a.norm(dim=1).mean()),
+            "min_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).min()),
+        }
     return {
+        **error,
         "rows": rows,
         "seconds": min(times),
         "tokens_per_s": rows / min(times),
@@ -118,12 +137,14 @@ def main() -> None:
 
     _, corpus = documents(1)
     table = Table(title=f"harvest, all-MiniLM-L6-v2 (6 layers), {args.docs} {corpus} documents, {args.device}")
-    for column in ("hook", "mode", "tokens", "tokens/s", "speed-up", "tokens/CPU-s", "speed-up (CPU)", "peak RSS MiB"):
+    columns = ("hook", "mode", "tokens", "tokens/s", "speed-up", "tokens/CPU-s", "speed-up (CPU)", "peak RSS MiB",
+               "error vs fp32")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("hook", "mode") else "left")
-    names = {"full": "full forward", "early": "early stop", "store": "early stop -> store"}
+    names = {"full": "full forward", "early": "early stop", "bf16": "early stop, bf16", "store": "early stop -> store"}
     for hook in args.hooks.split(","):
         results = {}
-        for mode in ("full", "early", "store"):
+        for mode in ("full", "early", "bf16", "store"):
             child = subprocess.run(
                 [sys.executable, __file__, "--worker", mode, hook, "--docs", str(args.docs),
                  "--batch-tokens", str(args.batch_tokens), "--device", args.device, "--repeats", str(args.repeats)],
@@ -137,6 +158,7 @@ def main() -> None:
                 hook, names[mode], str(r["rows"]), f"{r['tokens_per_s']:,.0f}",
                 f"{r['tokens_per_s'] / results['full']['tokens_per_s']:.2f}x", f"{r['tokens_per_cpu_s']:,.0f}",
                 f"{r['tokens_per_cpu_s'] / results['full']['tokens_per_cpu_s']:.2f}x", f"{r['peak_rss_mib']:,.0f}",
+                f"{r['rel_error']:.2e} (min cos {r['min_cosine']:.4f})" if "rel_error" in r else "",
             )  # fmt: skip
     Console(width=max(120, Console().width)).print(table)
 

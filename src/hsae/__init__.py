@@ -16,8 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hsae.models import families, get_family
-from hsae.version import __version__
+from hsae.runtime import configure_threads, prefer_passive_waiting
+
+prefer_passive_waiting()  # before torch starts its OpenMP runtime (hsae.runtime says why)
+
+from hsae.models import families, get_family  # noqa: E402
+from hsae.version import __version__  # noqa: E402
+
+configure_threads()
 
 if TYPE_CHECKING:
     import torch

@@ -486,6 +486,11 @@ def _kept_count(encoding: dict[str, list[int]], keep_special: bool) -> int:
     return len(encoding["input_ids"]) - sum(encoding["special_tokens_mask"])
 
 
+# The dtype the model's forward runs in while harvesting: float32, or bfloat16 autocast (matmuls in
+# bf16 on CPUs with AVX-512 bf16 / AMX and on GPUs; activations stored as the store's dtype).
+HARVEST_DTYPES = ("float32", "bfloat16")
+
+
 class Harvester:
     """Turns documents into activation rows for one or more hooks of a model.
 
@@ -507,8 +512,12 @@ class Harvester:
         keep_special: bool = False,
         early_stop: bool = True,
         sort_window: int = DEFAULT_SORT_WINDOW,
+        compute_dtype: str = "float32",
     ):
+        if compute_dtype not in HARVEST_DTYPES:
+            raise HsaeError(f"compute dtype {compute_dtype!r} is not one of {', '.join(HARVEST_DTYPES)}")
         self.loaded = loaded
+        self.compute_dtype = compute_dtype
         self.hooked = HookedModel(loaded, hooks, early_stop=early_stop)
         self.max_length = min(max_length or loaded.max_length, loaded.max_length)
         if batch_tokens < self.max_length:
@@ -524,12 +533,15 @@ class Harvester:
         return self.hooked.hooks
 
     def describe(self) -> dict[str, Any]:
-        return {
+        settings: dict[str, Any] = {
             "batch_tokens": self.batch_tokens,
             "max_length": self.max_length,
             "keep_special": self.keep_special,
             "sort_window": self.sort_window,
         }
+        if self.compute_dtype != "float32":  # (stores harvested before the option existed stay comparable)
+            settings["compute_dtype"] = self.compute_dtype
+        return settings
 
     def _windows(self, documents: Iterable[str], start_doc: int) -> Iterator[list[_Encoded]]:
         docs = islice(documents, start_doc, None)
@@ -566,7 +578,9 @@ class Harvester:
         keep = padded["attention_mask"].bool()
         if not self.keep_special:
             keep &= ~special
-        outputs = self.hooked({k: v.to(self.loaded.device) for k, v in padded.items()})
+        inputs = {k: v.to(self.loaded.device) for k, v in padded.items()}
+        with torch.autocast(self.loaded.device.type, torch.bfloat16, enabled=self.compute_dtype == "bfloat16"):
+            outputs = self.hooked(inputs)
         keep_on_device = keep.to(self.loaded.device)
         doc_ids = torch.tensor([d.doc_id for d in plan.documents]).unsqueeze(1).expand_as(keep)
         positions = torch.arange(keep.shape[1]).unsqueeze(0).expand_as(keep)
