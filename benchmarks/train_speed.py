@@ -4,6 +4,7 @@ sparsify, in one process, on the same data (issue 6).
     python benchmarks/train_speed.py              # d_in=384, 6144 latents, k=32, batch 4096, fp32, Adam
     python benchmarks/train_speed.py --quick      # fewer steps
     python benchmarks/train_speed.py --families topk,dense --steps 20
+    python benchmarks/train_speed.py --n-latents 16384,32768,65536 --k 32,64 --families sparsify,topk,topk-bf16
 
 Every figure is for a full training step: forward, backward, decoder-gradient projection, Adam,
 decoder renormalisation, dead-latent bookkeeping (AuxK switches on once latents are dead for
@@ -84,6 +85,8 @@ class Runner:
     step: Callable[[torch.Tensor, int], None]  # (raw batch, step index)
     reconstruct: Callable[[torch.Tensor], torch.Tensor]  # raw -> raw, inference mode
     note: str = ""
+    # bf16-screened runs: the fraction of chosen entries that an exact float32 selection also chooses
+    agreement: Callable[[torch.Tensor], float] | None = None
 
 
 def _adam(params, kind: str, lr: float) -> torch.optim.Adam:
@@ -145,7 +148,16 @@ def hsae_runner(
         model.train()
         return x_hat
 
-    return Runner(name or arch, list(model.parameters()), step, reconstruct)
+    def agreement(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            xn = model.scale_in(x)
+            chosen = model.screening_scores(xn).topk(K, dim=-1).indices.sort(-1).values
+            exact = model.pre_activations(xn).topk(K, dim=-1).indices.sort(-1).values
+        same = (chosen[:, :, None] == exact[:, None, :]).any(-1)
+        return float(same.float().mean())
+
+    screened = compute_dtype != "float32"
+    return Runner(name or arch, list(model.parameters()), step, reconstruct, agreement=agreement if screened else None)
 
 
 def dense_runner(scale: float, b_dec: torch.Tensor, args) -> Runner:
@@ -253,12 +265,13 @@ def peak_step_bytes(runner: Runner, x: torch.Tensor, i: int) -> float | None:
 
 
 def main() -> None:
+    global DEVICE, N_LATENTS, K
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per family (after 2 warm-up steps)")
     ap.add_argument(
         "--families",
         default="dense,sparsify,topk,batchtopk,matryoshka,topk-bf16",
-        help="comma list of: dense, sparsify, topk, batchtopk, topk-bf16, batchtopk-bf16",
+        help="comma list of: dense, sparsify, topk, batchtopk, matryoshka, mp, topk-bf16",
     )
     ap.add_argument("--quick", action="store_true", help="8 timed steps")
     ap.add_argument(
@@ -278,6 +291,8 @@ def main() -> None:
         "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows of pre-activations per chunk (fused steps)"
     )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    ap.add_argument("--n-latents", default=str(N_LATENTS), help="comma list of dictionary sizes (a table each)")
+    ap.add_argument("--k", default=str(K), help="comma list of k (a table for each size and k)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (profiled) peak-memory step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise with the GPU)")
     ap.add_argument(
@@ -287,12 +302,23 @@ def main() -> None:
         help="after timing, every family trains on to this many steps before its FVU is measured",
     )
     args = ap.parse_args()
-    global DEVICE
     DEVICE = torch.device(args.device)
     if args.quick:
         args.steps = min(args.steps, 8)
     if args.threads:
         torch.set_num_threads(args.threads)
+    widths = [int(v) for v in args.n_latents.split(",")]
+    ks = [int(v) for v in args.k.split(",")]
+    summary = []
+    for N_LATENTS in widths:
+        for K in ks:
+            summary += [dict(r, n_latents=N_LATENTS, k=K) for r in run_config(args)]
+    if len(summary) > len(widths) * len(ks) and (len(widths) > 1 or len(ks) > 1):
+        _width_table(summary)
+
+
+def run_config(args) -> list[dict]:
+    """Every family at the current N_LATENTS and K: prints the table, returns its rows."""
     warmup = 2
     args.total_steps = max(args.fvu_steps, warmup + args.steps + (0 if args.no_memory else 1))
     args.lr = TrainConfig().resolved_lr(N_LATENTS)  # hsae's default, the same for every family
@@ -329,10 +355,7 @@ def main() -> None:
         "matryoshka": lambda: hsae_runner("matryoshka", scale, b_dec, args),
         "mp": lambda: hsae_runner("mp", scale, b_dec, args),
         "topk-bf16": lambda: hsae_runner(
-            "topk", scale, b_dec, args, compute_dtype="bfloat16", name="topk (bf16 matmul)"
-        ),
-        "batchtopk-bf16": lambda: hsae_runner(
-            "batchtopk", scale, b_dec, args, compute_dtype="bfloat16", name="batchtopk (bf16 matmul)"
+            "topk", scale, b_dec, args, compute_dtype="bfloat16", name="topk (bf16-screened, exact values)"
         ),
     }
     rows = []
@@ -377,8 +400,13 @@ def main() -> None:
                 budget=budget,
                 fvu=fvu(held_out, runner.reconstruct(held_out)),
                 steps=i,
+                agreement=None if runner.agreement is None else runner.agreement(held_out),
             )
         )
+        if rows[-1]["agreement"] is not None:
+            print(
+                f"  {runner.name}: bf16 screen chose the float32 top-k entries {rows[-1]['agreement']:.2%} of the time"
+            )
         print(
             f"  {runner.name}: {rows[-1]['tps']:,.0f} tokens/s (median step {med * 1e3:.0f} ms, best "
             f"{times[0] * 1e3:.0f} ms), FVU {rows[-1]['fvu']:.4f} after {i} steps",
@@ -388,6 +416,29 @@ def main() -> None:
     dense_tps = next((r["tps"] for r in rows if r["name"] == "dense reference"), None)
     sp_tps = next((r["tps"] for r in rows if r["name"].startswith("eai-sparsify")), None)
     _table(rows, limit, dense_tps, sp_tps)
+    for r in rows:
+        r["vs_sparsify"] = r["tps"] / sp_tps if sp_tps else None
+    return rows
+
+
+def _width_table(rows) -> None:
+    """How cost grows with width: every size and k, each family against eai-sparsify of the same run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="training step by width (same data, same process)")
+    for h in ("n_latents", "k", "family", "tokens/s", "ms/step", "vs sparsify", "peak MB", "peak/budget", "FVU",
+              "screen agreement"):  # fmt: skip
+        table.add_column(h, justify="left" if h == "family" else "right")
+    for r in rows:
+        table.add_row(
+            str(r["n_latents"]), str(r["k"]), r["name"], f"{r['tps']:,.0f}", f"{r['ms']:.0f}",
+            "-" if r["vs_sparsify"] is None else f"{r['vs_sparsify']:.2f}x",
+            "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}",
+            "-" if r["peak"] is None else f"{r['peak'] / r['budget']:.2f}", f"{r['fvu']:.4f}",
+            "-" if r["agreement"] is None else f"{r['agreement']:.2%}",
+        )  # fmt: skip
+    Console(width=170).print(table)
 
 
 def _table(rows, limit, dense_tps, sp_tps) -> None:
