@@ -93,7 +93,9 @@ def test_best_per_latent_keeps_the_largest_keys_of_a_stream():
 def test_pass_matches_a_brute_force_pass_over_dense_codes(minilm, tmp_path):
     acts, tokens, docs, positions = random_rows()
     sae = SignedLinearSAE(16, 24)
-    cfg = ExamplesConfig(top=6, quantiles=4, per_quantile=3, before=3, after=2, random_contexts=50, batch_rows=64)
+    cfg = ExamplesConfig(
+        top=6, quantiles=4, per_quantile=3, before=3, after=2, random_contexts=50, batch_rows=64, chunk_rows=150
+    )
     run = build_examples(
         sae, tmp_path, ArrayStream(acts, tokens, docs, positions, minilm), cfg, out=tmp_path / "e.sqlite"
     )
@@ -124,6 +126,10 @@ def test_pass_matches_a_brute_force_pass_over_dense_codes(minilm, tmp_path):
         assert len(quantile) == min(12, stats["fires"])
         assert all(any(abs(float(v) - e.value) < 1e-5 for v in column[column != 0]) for e in quantile)
         assert [e.value for e in quantile] == sorted(e.value for e in quantile)  # lowest quantile first
+        both = (dense != 0) & (column != 0)[:, None]
+        for j, share, lift in stats["cofire"]:  # latents that really fire with it, on sampled firings
+            assert j != i and both[:, j].any() and 0 < share <= 1
+            assert lift == pytest.approx(share / db.feature(j)["density"], rel=0.01)
     for context in db.contexts():  # each window lists every latent active anywhere in it
         rows = [r for r in range(len(tokens)) if tokens[r : r + len(context.tokens)].tolist() == context.tokens]
         assert any(
@@ -136,7 +142,7 @@ def test_interrupted_pass_resumes_to_the_same_file(minilm, tmp_path):
     acts, tokens, docs, positions = random_rows(900)
     sae = SignedLinearSAE(16, 24, seed=1)
     cfg = ExamplesConfig(
-        top=5, quantiles=3, per_quantile=2, before=2, after=2, random_contexts=40, checkpoint_seconds=0
+        top=5, quantiles=3, per_quantile=2, before=2, after=2, random_contexts=40, chunk_rows=120, checkpoint_seconds=0
     )
     stream = ArrayStream(acts, tokens, docs, positions, minilm)
     whole = build_examples(sae, tmp_path, stream, cfg, out=tmp_path / "whole.sqlite")
@@ -166,7 +172,8 @@ def test_memory_is_bounded_whatever_the_number_of_tokens(minilm):
     sizes = []
     for n in (500, 3000):
         acts, tokens, docs, positions = random_rows(n)
-        run = ExamplesPass(sae, ExamplesConfig(top=5, quantiles=3, per_quantile=2, random_contexts=30))
+        cfg = ExamplesConfig(top=5, quantiles=3, per_quantile=2, random_contexts=30, chunk_rows=200)
+        run = ExamplesPass(sae, cfg)
         for chunk in ArrayStream(acts, tokens, docs, positions, minilm).chunks():
             run.feed(chunk)
         # everything but the token counts (at most the vocabulary) and the few rows of context held back
@@ -174,7 +181,7 @@ def test_memory_is_bounded_whatever_the_number_of_tokens(minilm):
             k: t for k, t in run.tensors().items() if k != "token_counts" and not k.startswith(("left.", "pending."))
         }
         sizes.append(sum(t.numel() for t in kept.values()))
-        assert len(run.left) <= 10 and len(run.pending) <= 5
+        assert len(run.left) <= cfg.before and run.pending_rows < cfg.chunk_rows + cfg.after + 97
     assert sizes[0] == sizes[1]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -55,15 +56,15 @@ def score(
         from hsae.interpret.embed import SentenceEmbedder
         from hsae.interpret.embedding_score import EmbeddingScoreConfig, embedding_scores
 
-        cfg = EmbeddingScoreConfig(seed=seed)
-        found = embedding_scores(db, sample(features), neighbours, SentenceEmbedder(), cfg)
+        embedding_cfg = EmbeddingScoreConfig(seed=seed)
+        found = embedding_scores(db, sample(features), neighbours, SentenceEmbedder(), embedding_cfg)
         entries = {str(i): v for i, v in found.items()}
         summary = {
             "features": len(found),
             "auroc": mean_of(entries, "auroc"),
             "auroc_near_miss": mean_of(entries, "auroc_near_miss"),
         }
-        section = {"settings": vars(cfg), "labels": labels, "summary": summary, "features": entries}
+        section = {"settings": vars(embedding_cfg), "labels": labels, "summary": summary, "features": entries}
         path = write_scorer(directory, "embedding", section)
         typer.echo(
             f"embedding: {summary['features']} features, mean AUROC {summary['auroc']} against random contexts, "
@@ -82,16 +83,15 @@ def score(
         found = llm_scores(db, client, chosen, neighbours, scorer, cfg)
         entries = {str(i): v for i, v in found.items()}
         kinds = sorted({k for v in found.values() for k in v if k != "failed_batches"})
-        summary = {
+        means = {kind: {m: mean_of(entries, kind, m) for m in ("accuracy", "f1", "auc")} for kind in kinds}
+        llm_summary: dict[str, Any] = {
             "features": len(found),
             "failed_batches": sum(v["failed_batches"] for v in found.values()),
-            **{kind: {m: mean_of(entries, kind, m) for m in ("accuracy", "f1", "auc")} for kind in kinds},
+            **means,
         }
-        section = {"settings": {**vars(cfg), **config.record()}, "labels": labels, "summary": summary}
+        section = {"settings": {**vars(cfg), **config.record()}, "labels": labels, "summary": llm_summary}
         path = write_scorer(directory, scorer, {**section, "features": entries})
         described = "; ".join(
-            f"{kind}: accuracy {v['accuracy']}, F1 {v['f1']}, AUC {v['auc']}"
-            for kind, v in summary.items()
-            if isinstance(v, dict)
+            f"{kind}: accuracy {v['accuracy']}, F1 {v['f1']}, AUC {v['auc']}" for kind, v in means.items()
         )
         typer.echo(f"{scorer}: {len(found)} features; {described} -> {path}")

@@ -123,7 +123,8 @@ class ExampleTables:
 
     def _windows(self, block: RowBlock, lookup: EntryLookup, rows: Tensor, latents: Tensor, values: Tensor):
         around, valid = self._window_rows(block, rows)
-        acts = torch.where(valid, lookup.value(around, latents[:, None]), torch.zeros(()))
+        acts = torch.zeros(around.shape)
+        acts[valid] = lookup.value(around[valid], latents[:, None].expand_as(around)[valid])
         return {
             "value": values,
             "row": block.rows[rows],

@@ -17,9 +17,10 @@ settings; the file itself appears only when complete (temporary file, then renam
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,22 @@ class ExamplesConfig:
     random_contexts: int = 2048  # uniformly sampled windows (non-activating contexts for the scorers)
     logit_tokens: int = 10  # promoted / suppressed tokens per latent (causal LMs)
     batch_rows: int = 4096  # rows encoded at a time
+    chunk_rows: int = 16384  # rows examined at a time
     seed: int = 0
     checkpoint_seconds: float = 120.0
 
     def validate(self) -> ExamplesConfig:
-        for name in ("tokens", "top", "quantiles", "per_quantile", "cofire_width", "random_contexts", "batch_rows"):
+        positive = (
+            "tokens",
+            "top",
+            "quantiles",
+            "per_quantile",
+            "cofire_width",
+            "random_contexts",
+            "batch_rows",
+            "chunk_rows",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise HsaeError(f"examples: {name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("before", "after", "cofire", "logit_tokens"):
@@ -108,8 +120,9 @@ def encode_chunk(sae, chunk: TokenChunk, first_row: int, batch_rows: int) -> Row
 
 
 class ExamplesPass:
-    """Feeds encoded rows to the tables, holding back `after` rows until their right context has come,
-    and keeping `before` rows of left context."""
+    """Feeds encoded rows to the tables `chunk_rows` at a time (the tables' per-batch work, a few
+    passes over n_latents x capacity, is amortised over them), holding back the last `after` rows
+    until their right context has come and keeping `before` rows of left context."""
 
     def __init__(self, sae, config: ExamplesConfig):
         self.sae, self.cfg = sae, config
@@ -124,7 +137,8 @@ class ExamplesPass:
             seed=config.seed,
         )
         self.left = RowBlock.empty()
-        self.pending = RowBlock.empty()
+        self.pending: list[RowBlock] = []  # encoded rows not examined yet
+        self.pending_rows = 0
         self.rows_read = 0
 
     def feed(self, chunk: TokenChunk) -> None:
@@ -135,53 +149,55 @@ class ExamplesPass:
             )
         block = encode_chunk(self.sae, chunk, self.rows_read, self.cfg.batch_rows)
         self.rows_read += len(block)
-        buffer = RowBlock.cat([self.left, self.pending, block])
-        lo = len(self.left)
-        hi = max(lo, len(buffer) - self.cfg.after)
-        self.tables.add(buffer, lo, hi)
-        self.left = buffer.slice(max(0, hi - self.cfg.before), hi)
-        self.pending = buffer.slice(hi, len(buffer))
+        self.pending.append(block)
+        self.pending_rows += len(block)
+        if self.pending_rows >= self.cfg.chunk_rows + self.cfg.after:
+            self._examine(final=False)
 
     def finish(self) -> None:
-        buffer = RowBlock.cat([self.left, self.pending])
-        self.tables.add(buffer, len(self.left), len(buffer))
-        self.left, self.pending = buffer.slice(len(buffer), len(buffer)), RowBlock.empty()
+        self._examine(final=True)
+
+    def _examine(self, final: bool) -> None:
+        buffer = RowBlock.cat([self.left, *self.pending])
+        lo = len(self.left)
+        hi = len(buffer) if final else max(lo, len(buffer) - self.cfg.after)
+        self.tables.add(buffer, lo, hi)
+        self.left = buffer.slice(max(0, hi - self.cfg.before), hi)
+        rest = buffer.slice(hi, len(buffer))
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
 
     def tensors(self) -> dict[str, Tensor]:
         out = self.tables.tensors()
         out.update(self.left.tensors("left"))
-        out.update(self.pending.tensors("pending"))
+        out.update((RowBlock.cat(self.pending) if self.pending else RowBlock.empty()).tensors("pending"))
         out["rows_read"] = torch.tensor(self.rows_read)
         return out
 
     def load(self, tensors: dict[str, Tensor]) -> None:
         self.tables.load(tensors)
         self.left = RowBlock.from_tensors(tensors, "left")
-        self.pending = RowBlock.from_tensors(tensors, "pending")
+        pending = RowBlock.from_tensors(tensors, "pending")
+        self.pending, self.pending_rows = ([pending] if len(pending) else []), len(pending)
         self.rows_read = int(tensors["rows_read"])
 
 
 # --- the finished tables, as rows of the examples file ------------------------------------------
 
 
-def _blob(array: Tensor, dtype: str) -> list[bytes]:
-    data = np.ascontiguousarray(array.numpy().astype(dtype))
-    return [row.tobytes() for row in data]
-
-
-def _example_rows(table, kind: str, quantiles: int | None = None) -> list[tuple]:
+def _example_rows(table, kind: str, quantiles: int | None = None) -> Iterator[tuple]:
+    """The examples table's rows for one table, latent by latent (made as they are written)."""
     latents, slots = table.filled()
     p = {name: value[latents, slots] for name, value in table.payload.items()}
-    if quantiles is None:  # by key, largest first
-        order = torch.arange(latents.numel())
-    else:  # by activation within each latent, lowest first
+    if quantiles is not None:  # by activation within each latent, lowest first (else by key, largest first)
         order = torch.argsort(p["value"], stable=True)
         order = order[torch.argsort(latents[order], stable=True)]
-    latents = latents[order]
-    p = {name: value[order] for name, value in p.items()}
+        latents = latents[order]
+        p = {name: value[order] for name, value in p.items()}
     counts = torch.bincount(latents, minlength=table.n_latents)
     rank = torch.arange(latents.numel()) - (counts.cumsum(0) - counts)[latents]
     quantile = (rank * quantiles // counts[latents]).tolist() if quantiles else [None] * latents.numel()
+    tokens = np.ascontiguousarray(p["tokens"].numpy().astype("<i4"))
+    acts = np.ascontiguousarray(p["acts"].numpy().astype("<f4"))
     columns = zip(
         latents.tolist(),
         rank.tolist(),
@@ -190,71 +206,74 @@ def _example_rows(table, kind: str, quantiles: int | None = None) -> list[tuple]
         p["row"].tolist(),
         p["doc"].tolist(),
         p["position"].tolist(),
-        _blob(p["tokens"], "<i4"),
-        _blob(p["acts"], "<f4"),
         strict=True,
     )
-    return [(lat, kind, r, q, v, row, doc, pos, t, a) for lat, r, q, v, row, doc, pos, t, a in columns]
+    for i, (lat, r, q, v, row, doc, pos) in enumerate(columns):
+        yield lat, kind, r, q, v, row, doc, pos, tokens[i].tobytes(), acts[i].tobytes()
 
 
-def cofiring(tables: ExampleTables, top: int) -> list[list[list[float]]]:
+def cofiring(tables: ExampleTables, top: int, block: int = 1024) -> list[list[list[float]]]:
     """Per latent, up to `top` [latent j, P(j on | i on), lift P(j | i) / P(j)], ranked by how much more
-    often j fires with i than overall, from i's uniformly sampled firings (j seen at least twice)."""
+    often j fires with i than overall, from i's uniformly sampled firings (j seen at least twice).
+    Counted as sparse (i, j) pairs, `block` latents at a time."""
     n = tables.n_latents
     coactive, filled = tables.sample.payload["coactive"], tables.sample.keys > -torch.inf
     density = tables.fires.double() / max(tables.rows_seen, 1)
-    out: list[list[list[float]]] = []
-    step = max(1, (1 << 22) // max(n, 1))
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        block = coactive[start:stop].long()
-        ok = (block >= 0) & filled[start:stop, :, None]
-        owner = torch.arange(stop - start)[:, None, None].expand_as(block)
-        counts = torch.bincount((owner * n + block)[ok], minlength=(stop - start) * n).view(stop - start, n)
-        counts[torch.arange(stop - start), torch.arange(start, stop)] = 0
-        samples = filled[start:stop].sum(1).clamp_min(1).double()
-        p = counts.double() / samples[:, None]
-        excess = torch.where(counts >= 2, p - density[None, :], torch.full_like(p, -torch.inf))
-        k = min(top, n)
-        best = excess.topk(k, dim=1)
-        for i in range(stop - start):
-            keep = best.values[i] > -torch.inf
-            js = best.indices[i][keep]
-            out.append(
-                [[int(j), round(float(p[i, j]), 4), round(float(p[i, j] / max(density[j], 1e-12)), 2)] for j in js]
-            )
+    samples = filled.sum(1).clamp_min(1).double()
+    out: list[list[list[float]]] = [[] for _ in range(n)]
+    for start in range(0, n, block):
+        co = coactive[start : start + block].long()
+        owner = torch.arange(start, start + co.shape[0])[:, None, None].expand_as(co)
+        ok = (co >= 0) & filled[start : start + block, :, None] & (co != owner)
+        pairs, counts = torch.unique(owner[ok] * n + co[ok], return_counts=True)
+        pairs, counts = pairs[counts >= 2], counts[counts >= 2]
+        i, j = pairs // n, pairs % n
+        share = counts.double() / samples[i]
+        excess = share - density[j]
+        # by latent, largest excess first; keep `top` of each
+        order = torch.argsort(excess, descending=True, stable=True)
+        order = order[torch.argsort(i[order], stable=True)]
+        i, j, share = i[order], j[order], share[order]
+        first = torch.searchsorted(i, i)  # index of each latent's first pair
+        keep = (torch.arange(i.numel()) - first) < top
+        i, j, share = i[keep], j[keep], share[keep]
+        lift = share / density[j].clamp_min(1e-12)
+        for a, b, s, f in zip(i.tolist(), j.tolist(), share.tolist(), lift.tolist(), strict=True):
+            out[a].append([b, round(s, 4), round(f, 2)])
     return out
 
 
-def _token_index(rows: list[tuple], pieces: dict[int, str]) -> list[tuple]:
+def _token_index(table, pieces: dict[int, str]) -> list[tuple]:
     """(token, latent, times) for the tokens each latent is active on in its top examples."""
+    n = table.n_latents
+    held = (table.keys > -torch.inf)[:, :, None]
+    tokens = table.payload["tokens"].long()
+    ok = (table.payload["acts"] != 0) & (tokens >= 0) & held
+    latents = torch.arange(n)[:, None, None].expand_as(tokens)[ok]
+    pairs, times = torch.unique(tokens[ok] * n + latents, return_counts=True)
     counts: dict[tuple[str, int], int] = {}
-    for latent, _kind, _rank, _q, _v, _row, _doc, _pos, tokens, acts in rows:
-        ids, values = np.frombuffer(tokens, dtype="<i4"), np.frombuffer(acts, dtype="<f4")
-        for t in ids[(values != 0) & (ids >= 0)].tolist():
-            key = (normalise(pieces.get(t, "")), latent)
-            if key[0]:
-                counts[key] = counts.get(key, 0) + 1
-    return [(token, latent, n) for (token, latent), n in counts.items()]
+    keys = {t: normalise(pieces.get(t, "")) for t in (pairs // n).unique().tolist()}
+    for pair, m in zip(pairs.tolist(), times.tolist(), strict=True):
+        key = (keys[pair // n], pair % n)
+        if key[0]:
+            counts[key] = counts.get(key, 0) + m
+    return [(token, latent, m) for (token, latent), m in counts.items()]
 
 
 def write_result(path: Path, run: ExamplesPass, meta: dict[str, Any], loaded) -> None:
     tables, cfg = run.tables, run.cfg
     n = tables.n_latents
-    top = _example_rows(tables.top, "top")
-    bottom = _example_rows(tables.bottom, "bottom") if tables.bottom is not None else []
-    quantile = _example_rows(tables.sample, "quantile", quantiles=cfg.quantiles)
+    examples = itertools.chain(
+        _example_rows(tables.top, "top"),
+        _example_rows(tables.bottom, "bottom") if tables.bottom is not None else (),
+        _example_rows(tables.sample, "quantile", quantiles=cfg.quantiles),
+    )
     latents, slots = tables.contexts.filled()
+    context_tokens = tables.contexts.payload["tokens"][latents, slots].numpy().astype("<i4")
+    context_active = tables.contexts.payload["active"][latents, slots].numpy().astype("<i4")
     contexts = [
-        (i, row, t, a)
-        for i, (row, t, a) in enumerate(
-            zip(
-                tables.contexts.payload["row"][latents, slots].tolist(),
-                _blob(tables.contexts.payload["tokens"][latents, slots], "<i4"),
-                _blob(tables.contexts.payload["active"][latents, slots], "<i4"),
-                strict=True,
-            )
-        )
+        (i, row, context_tokens[i].tobytes(), context_active[i].tobytes())
+        for i, row in enumerate(tables.contexts.payload["row"][latents, slots].tolist())
     ]
 
     text = TokenText(loaded.tokenizer)
@@ -306,7 +325,7 @@ def write_result(path: Path, run: ExamplesPass, meta: dict[str, Any], loaded) ->
         histogram_edges=histogram_edges(),
         window={"before": cfg.before, "after": cfg.after},
     )
-    write_examples(path, meta, features, top + bottom + quantile, contexts, vocab, _token_index(top, pieces))
+    write_examples(path, meta, features, examples, contexts, vocab, _token_index(tables.top, pieces))
 
 
 # --- the command's work -----------------------------------------------------------------------

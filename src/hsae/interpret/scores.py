@@ -70,10 +70,11 @@ def binary_metrics(positive: Sequence[int], negative: Sequence[int]) -> dict[str
 
 def mean_of(features: dict[str, dict[str, Any]], *keys: str) -> float | None:
     """The mean of features[*][keys[0]][keys[1]]... over the features that have it."""
-    values = []
+    values: list[float] = []
     for entry in features.values():
+        found: Any = entry
         for key in keys:
-            entry = entry.get(key) if isinstance(entry, dict) else None
-        if isinstance(entry, int | float):
-            values.append(float(entry))
+            found = found.get(key) if isinstance(found, dict) else None
+        if isinstance(found, int | float):
+            values.append(float(found))
     return round(sum(values) / len(values), 4) if values else None

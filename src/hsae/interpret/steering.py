@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hsae.errors import HsaeError
+from hsae.interpret.embed import SentenceEmbedder
 
 
 @torch.no_grad()
@@ -108,7 +109,7 @@ class Steerer:
     def __init__(self, sae, loaded, hook: str, glosses: int = 3000):
         self.sae, self.loaded, self.hook, self.glosses = sae, loaded, hook, glosses
         self.causal = getattr(loaded.model, "get_output_embeddings", lambda: None)() is not None
-        self.embedder = None
+        self.embedder: SentenceEmbedder | None = None
         self.index: GlossIndex | None = None
 
     def run(self, feature: int, scale: float, text: str, max_new_tokens: int = 30) -> SteerResult:
@@ -135,8 +136,6 @@ class Steerer:
         return SteerResult(feature, scale, text, "generation", plain=plain, steered_text=steered_text)
 
     def _embed(self, feature: int, scale: float, text: str, vector: Tensor) -> SteerResult:
-        from hsae.interpret.embed import SentenceEmbedder
-
         if self.embedder is None:
             self.embedder = SentenceEmbedder(self.loaded)
         if self.index is None:

@@ -93,7 +93,7 @@ class HarvestStream:
         return self.loaded
 
     def chunks(self, place: list[int] | None = None) -> Iterator[TokenChunk]:
-        start = tuple(place) if place else (0, 0)
+        start = (int(place[0]), int(place[1])) if place else (0, 0)
         for batch in self.harvester.batches(self.corpus, start):
             rows = batch.rows
             if self.hook not in rows.activations:

@@ -33,15 +33,17 @@ class BestPerLatent:
         self.threshold = torch.full((n_latents,), -torch.inf)
 
     def offer(self, latents: Tensor, keys: Tensor, make_payload: Callable[[Tensor], dict[str, Tensor]]) -> None:
-        """Offer entries (latents[e], keys[e]); `make_payload(e)` builds the payload of the entries e
+        """Offer entries (latents[e], keys[e] > 0); `make_payload(e)` builds the payload of the entries e
         that enter, as tensors with one row per entry."""
         beats = (keys > self.threshold[latents]).nonzero().squeeze(1)
         if beats.numel() == 0:
             return
         lat, key = latents[beats], keys[beats]
-        # Rank the candidates within each latent, largest key first, and keep at most `capacity` each.
-        order = torch.argsort(key, descending=True, stable=True)
-        order = order[torch.argsort(lat[order], stable=True)]
+        # Rank the candidates within each latent, largest key first, and keep at most `capacity` each:
+        # one sort of (latent, descending key) packed in an int64 (keys are positive floats here, whose
+        # bit patterns order as the floats do).
+        packed = lat * (1 << 31) + ((1 << 31) - 1 - key.float().view(torch.int32).long())
+        order = torch.sort(packed, stable=True).indices
         groups, counts = torch.unique_consecutive(lat[order], return_counts=True)
         group = torch.repeat_interleave(torch.arange(groups.numel()), counts)
         rank = torch.arange(order.numel()) - (counts.cumsum(0) - counts)[group]

@@ -65,5 +65,4 @@ def shared_hypernym(
         return None
     _, share, synset = best
     name = wordnet_reader().synset(synset).lemma_names()[0].replace("_", " ")
-    covered = tuple(sorted(cover[synset], key=lambda w: -words[w]))
-    return SharedHypernym(synset, name, round(share, 3), covered)
+    return SharedHypernym(synset, name, round(share, 3), tuple(sorted(cover[synset], key=lambda w: -words[w])))

@@ -19,6 +19,7 @@ from hsae.interpret.examples_db import ExamplesDB, examples_path
 from hsae.interpret.labels import best_labels, read_labels
 from hsae.interpret.neighbours import DecoderNeighbours
 from hsae.interpret.scores import read_scores
+from hsae.interpret.steering import Steerer
 from hsae.interpret.tokens import normalise
 
 
@@ -50,7 +51,7 @@ class ModelView:
         report = self.directory / "eval" / "report.json"
         self.report = json.loads(report.read_text()) if report.is_file() else None
         self.report_html = self.directory / "eval" / "report.html"
-        self.steerer = None
+        self.steerer: Steerer | None = None
         self.steer_lock = threading.Lock()  # one steering run at a time: its hook is on the shared model
 
     def _children(self) -> dict[int, np.ndarray]:
@@ -206,7 +207,6 @@ class ModelView:
 
     def _steer(self, latent: int, scale: float, text: str) -> dict[str, Any]:
         if self.steerer is None:
-            from hsae.interpret.steering import Steerer
             from hsae.interpret.streams import recorded_model
             from hsae.sources.hf import load_model
 
