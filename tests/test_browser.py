@@ -131,3 +131,13 @@ def test_markup_in_the_corpus_renders_as_text(server, browser):
     assert page.evaluate(injected) == 0
     assert page.evaluate("document.scripts.length") == 1  # the page's own app.js only
     assert dialogs == []
+
+
+def test_the_steering_box_runs_the_model(server, browser):
+    page = browser.new_page()
+    page.goto(f"{server}/features/3?model=gpt2-sae")
+    page.wait_for_selector("[data-testid=steer]")
+    page.click("[data-testid=steer]")
+    page.wait_for_selector("[data-testid=steer-result] table")
+    rows = page.locator("[data-testid=steer-result] tr")
+    assert [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())] == ["without", "with"]

@@ -214,24 +214,26 @@ function markCurrent(id) {
 // ---- charts -------------------------------------------------------------------------------------
 
 function histogram(counts, labels, opts) {
-  const width = 520, height = 120, pad = 18;
-  const chart = svg("svg", { class: "hist", width, height: height + pad, viewBox: `0 0 ${width} ${height + pad}`, role: "img" });
+  // Bars on a log1p scale (a few huge bins would hide the rest); `labels` are the bins' tooltips,
+  // `opts.ticks` the [index, text] pairs written under the axis.
+  const width = 520, height = 110, pad = 16;
+  const chart = svg("svg", { class: "hist", viewBox: `0 0 ${width} ${height + pad}`, role: "img" });
   const top = Math.max(1, ...counts);
   const w = width / Math.max(1, counts.length);
   counts.forEach((c, i) => {
     const h = c ? Math.max(1, (height * Math.log1p(c)) / Math.log1p(top)) : 0;
-    const cls = "bar" + (opts && opts.neg && opts.neg(i) ? " neg" : "") + (opts && opts.mark === i ? " mark" : "");
+    const cls = "bar" + (opts.neg && opts.neg(i) ? " neg" : "") + (opts.mark === i ? " mark" : "");
     const bar = svg("rect", { class: cls, x: i * w, y: height - h, width: Math.max(1, w - 1), height: h });
     const tip = svg("title", {});
     tip.textContent = `${labels[i]}: ${c}`;
     bar.append(tip);
     chart.append(bar);
   });
-  const ends = [0, Math.floor(counts.length / 2), counts.length - 1];
-  for (const i of [...new Set(ends)]) {
-    if (i < 0 || labels[i] === undefined) continue;
-    const text = svg("text", { x: Math.min(width - 40, i * w), y: height + 13 });
-    text.textContent = labels[i];
+  for (const [i, label] of opts.ticks || []) {
+    const anchor = i === 0 ? "start" : i >= counts.length - 1 ? "end" : "middle";
+    const x = i === 0 ? 0 : i >= counts.length - 1 ? width : (i + 0.5) * w;
+    const text = svg("text", { x, y: height + 12, "text-anchor": anchor });
+    text.textContent = label;
     chart.append(text);
   }
   return chart;
@@ -241,17 +243,28 @@ function activationHistogram(hist) {
   if (!hist || !hist.counts) return null;
   const edges = hist.edges, bins = edges.length - 1, counts = hist.counts;
   const fmt = (x) => (x >= 0.01 && x < 1000 ? Number(x.toPrecision(2)).toString() : x.toExponential(0));
-  const shown = [], labels = [], negative = [];
+  const shown = [], labels = [], negative = [], ticks = [];
   for (let i = bins - 1; i >= 0; i--) {
-    if (counts[bins + i]) { shown.push(counts[bins + i]); labels.push(`-${fmt(edges[i])}…-${fmt(edges[i + 1])}`); negative.push(true); }
+    if (counts[bins + i]) {
+      if (!shown.length) ticks.push([0, `-${fmt(edges[i + 1])}`]);
+      shown.push(counts[bins + i]);
+      labels.push(`-${fmt(edges[i])}…-${fmt(edges[i + 1])}`);
+      negative.push(true);
+    }
   }
   const first = counts.slice(0, bins).findIndex((c) => c > 0);
   const last = bins - 1 - [...counts.slice(0, bins)].reverse().findIndex((c) => c > 0);
   if (first >= 0) {
-    for (let i = first; i <= last; i++) { shown.push(counts[i]); labels.push(`${fmt(edges[i])}…${fmt(edges[i + 1])}`); negative.push(false); }
+    ticks.push([shown.length, fmt(edges[first])]);
+    for (let i = first; i <= last; i++) {
+      shown.push(counts[i]);
+      labels.push(`${fmt(edges[i])}…${fmt(edges[i + 1])}`);
+      negative.push(false);
+    }
+    ticks.push([shown.length - 1, fmt(edges[last + 1])]);
   }
   if (!shown.length) return el("p", { class: "muted", text: "never fired in the examples pass" });
-  return histogram(shown, labels, { neg: (i) => negative[i] });
+  return histogram(shown, labels, { neg: (i) => negative[i], ticks });
 }
 
 function densityHistogram(model, density) {
@@ -262,8 +275,11 @@ function densityHistogram(model, density) {
     const at = Math.floor((Math.log10(density) - h.low) / h.step);
     mark = Math.max(0, Math.min(h.counts.length - 1, at));
   }
-  const labels = h.counts.map((_, i) => `density 1e${(h.low + i * h.step).toFixed(1)}…1e${(h.low + (i + 1) * h.step).toFixed(1)}`);
-  return histogram(h.counts, labels, { mark });
+  const n = h.counts.length;
+  const edge = (i) => `1e${(h.low + i * h.step).toFixed(1).replace(/\.0$/, "")}`;
+  const labels = h.counts.map((_, i) => `density ${edge(i)}…${edge(i + 1)}`);
+  const ticks = [[0, edge(0)], [Math.floor(n / 2), edge(Math.floor(n / 2))], [n - 1, edge(n)]];
+  return histogram(h.counts, labels, { mark, ticks });
 }
 
 // ---- contexts -----------------------------------------------------------------------------------
@@ -312,8 +328,8 @@ function steerBox(f) {
   const text = el("textarea", { rows: 2, maxlength: 2000, "aria-label": "text to steer" });
   text.value = first ? first.tokens.join("").trim() : "a small dog barked at the mailman";
   const scale = el("input", { type: "number", step: "any", value: num((f.stats && f.stats.max_act) || 5, 2), "aria-label": "scale" });
-  const out = el("div", {});
-  const run = el("button", { type: "button", text: "steer" });
+  const out = el("div", { "data-testid": "steer-result" });
+  const run = el("button", { type: "button", text: "steer", "data-testid": "steer" });
   run.addEventListener("click", async () => {
     out.replaceChildren(el("p", { class: "muted", text: "running the model…" }));
     try {
