@@ -139,8 +139,10 @@ def test_harvest_wordnet_train_topk_load_and_encode_new_text(tmp_path, capsys):
 
     store, run = tmp_path / "store", tmp_path / "run"
     assert main(["harvest", "--out", str(store), "--tokens", "4000", "--shard-rows", "1000"]) == 0
-    code = main(["train", "--arch", "topk", "--data", str(store), "--n-latents", "256", "--k", "8",
-                 "--steps", "30", "--batch-size", "256", "--out", str(run), "--quiet"])  # fmt: skip
+    # stopped after its checkpoint at step 30 of 35, to be resumed below
+    code = main(["train", "--arch", "topk", "--data", str(store), "--n-latents", "256", "--k", "8", "--steps", "35",
+                 "--batch-size", "256", "--out", str(run), "--quiet", "--checkpoint-every", "10",
+                 "--stop-after", "30"])  # fmt: skip
     assert code == 0
     sae = hsae.load(run)
     assert sae.d_in == 384

@@ -70,18 +70,28 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                     as_float = float(value)  # "1e6"
                 except ValueError:
                     as_float = math.nan
-                if as_float.is_integer():
+                if math.isfinite(as_float) and as_float.is_integer():
                     return int(as_float)
         raise HsaeError(f"{name}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond the float range
+                number = math.inf
+        elif isinstance(value, str):
+            try:
+                number = float(value.replace("_", "")) if value.strip() else None
             except ValueError:
                 pass
-        raise HsaeError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise HsaeError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # NaN and infinities pass every comparison a validation makes (or fail it silently), and
+            # JSON cannot hold them: no option takes one.
+            raise HsaeError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -93,14 +103,24 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None) -> T:
-    """Build dataclass `cls` from a mapping, refusing unknown keys and converting types."""
+def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None, complete: bool = False) -> T:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and converting types. `complete`
+    (for configs read back from a file hsae wrote, which holds every field) refuses missing fields
+    instead of filling in defaults: a default would silently change what was saved."""
     what = what or cls.__name__
+    if not isinstance(data, dict):
+        raise HsaeError(f"{what}: expected a mapping of options, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise HsaeError(f"{what}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    missing = sorted(set(fields) - set(data)) if complete else []
+    if missing:
+        raise HsaeError(
+            f"{what}: {', '.join(missing)} missing; the file is damaged or was not written by this version of hsae "
+            "(it would load with defaults that are not what was saved)"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{what}.{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)
@@ -168,6 +188,9 @@ class SAEConfig:
 # for a target of 32) / - / - / 0.127 (L0 56, 1% dead). 5x keeps nearly all of the gain with no dead
 # latents in the TopK-style families.
 DEFAULT_LR_AT_16K = 1e-3
+# Rates above this are refused up front: Adam moves every weight by about lr per step, so beyond 1 a
+# single step is larger than a unit-norm decoder row, and the loss diverges within steps.
+MAX_LR = 1.0
 
 
 @dataclass
@@ -202,12 +225,32 @@ class TrainConfig:
             raise HsaeError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
             raise HsaeError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not self.lr > 0:
             raise HsaeError(f"--lr must be a positive number, got {self.lr}")
+        if self.lr is not None and self.lr > MAX_LR:
+            raise HsaeError(
+                f"--lr {self.lr:g} is far above any rate Adam trains an SAE with (the default is "
+                f"{DEFAULT_LR_AT_16K:g} at 16384 latents; above {MAX_LR:g} every step moves each weight by more "
+                "than a unit decoder row's length, and the loss diverges): give a rate of at most "
+                f"{MAX_LR:g}, or leave --lr out"
+            )
+        if self.lr_warmup_steps < 0:
+            raise HsaeError(f"lr_warmup_steps must be 0 (no warm-up) or more, got {self.lr_warmup_steps}")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise HsaeError(f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
-        if self.checkpoint_every <= 0 or self.log_every <= 0:
-            raise HsaeError("checkpoint_every and log_every must be positive")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise HsaeError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise HsaeError(f"grad_clip_norm must be positive (or none: no clipping), got {self.grad_clip_norm}")
+        if self.seed < 0:
+            raise HsaeError(f"--seed must be 0 or more, got {self.seed}")
+        if self.checkpoint_every <= 0:
+            raise HsaeError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
+        if self.log_every <= 0:
+            raise HsaeError(f"--log-every must be positive, got {self.log_every}")
+        if self.dead_window_tokens <= 0:
+            raise HsaeError(f"dead_window_tokens must be positive, got {self.dead_window_tokens}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise HsaeError(f"b_dec_init {self.b_dec_init!r} is not one of geometric_median, mean, zeros")
 

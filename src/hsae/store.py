@@ -83,17 +83,91 @@ def parse_dtype(dtype: str) -> torch.dtype:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The manifest of a store folder, None when it has none; HsaeError if it is not a store's."""
+    """The manifest of a store folder, None when it has none; HsaeError if it is not a store's, or
+    is damaged (see `check_manifest`)."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         return None
     try:
         manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise HsaeError(f"{file} is not valid JSON ({err.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HsaeError(f"{file} is not valid JSON ({err}); the store is damaged: harvest it again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HsaeError(f"{path} holds a manifest.json that is not an hsae activation store's")
+    check_manifest(manifest, Path(path))
     return manifest
+
+
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_manifest(manifest: dict[str, Any], folder: Path) -> None:
+    """Refuse a manifest hsae could not have written: every field a reader or a resumed harvest uses
+    is there with its type, the row counts add up, and every shard is a file inside `folder` (a
+    manifest naming `../other/shard` or `/etc/passwd` is refused before anything is opened)."""
+    where = folder / MANIFEST
+
+    def damaged(what: str) -> HsaeError:
+        return HsaeError(f"{where}: {what}; the store is damaged: harvest it again into a new folder")
+
+    if manifest.get("version") != FORMAT_VERSION:
+        raise HsaeError(
+            f"{folder}: store format version {manifest.get('version')!r} is not supported (this hsae reads version "
+            f"{FORMAT_VERSION}); harvest the store again"
+        )
+    status = manifest.get("status")
+    if status not in ("harvesting", "complete"):
+        raise damaged(f"status is {status!r}, not 'harvesting' or 'complete'")
+    hooks = manifest.get("hooks")
+    if not isinstance(hooks, list) or not hooks:
+        raise damaged(f"'hooks' is {hooks!r}, not a list of the harvested hooks")
+    for hook in hooks:
+        if not (isinstance(hook, dict) and isinstance(hook.get("name"), str) and hook["name"]):
+            raise damaged(f"the hook entry {hook!r} has no name")
+        if not _is_count(hook.get("d_in"), 1):
+            raise damaged(f"hook {hook['name']!r} has width {hook.get('d_in')!r}, not a positive integer")
+        if not isinstance(hook.get("transformer_lens"), (str, type(None))):
+            raise damaged(f"hook {hook['name']!r} has a transformer_lens name that is not a string")
+    if len({h["name"] for h in hooks}) != len(hooks):
+        raise damaged("a hook is listed twice")
+    if manifest.get("dtype") not in DTYPES:
+        raise damaged(f"dtype is {manifest.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+    if not isinstance(manifest.get("model"), dict):
+        raise damaged("'model' does not describe the harvested model")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise damaged(f"'shards' is {shards!r}, not a list of shard files")
+    if status == "complete" and not shards:
+        raise damaged("it is marked complete but lists no shards")
+    root = folder.resolve()
+    for shard in shards:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard["file"]):
+            raise damaged(f"the shard entry {shard!r} names no file")
+        name = shard["file"]
+        target = (folder / name).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise HsaeError(
+                f"{where}: shard {name!r} is outside the store folder ({target}); a store reads only files inside "
+                "its own folder: the manifest is damaged or was edited, harvest the store again"
+            )
+        if not _is_count(shard.get("rows"), 1):
+            raise damaged(f"shard {name!r} has {shard.get('rows')!r} rows, not a positive integer")
+        sha = shard.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise damaged(f"shard {name!r} has no sha256 checksum")
+    if len({s["file"] for s in shards}) != len(shards):
+        raise damaged("a shard file is listed twice")
+    total = manifest.get("total_rows")
+    if not _is_count(total) or total != sum(s["rows"] for s in shards):
+        raise damaged(f"total_rows {total!r} is not the sum of the shards' rows ({sum(s['rows'] for s in shards)})")
+    if not _is_count(manifest.get("target_rows"), 1):
+        raise damaged(f"target_rows is {manifest.get('target_rows')!r}, not a positive integer")
+    resume = manifest.get("resume")
+    if status == "harvesting" and not (
+        isinstance(resume, dict) and _is_count(resume.get("document")) and _is_count(resume.get("rows_into_window"))
+    ):
+        raise damaged(f"the store is unfinished but its resume point is {resume!r}")
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -165,8 +239,6 @@ class ActivationStore:
         manifest = read_manifest(path)
         if manifest is None:
             raise HsaeError(f"{path} is not an activation store (no {MANIFEST})")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise HsaeError(f"{path}: store format version {manifest.get('version')} is not supported")
         if manifest["status"] != "complete":
             raise HsaeError(
                 f"store {path} is incomplete ({manifest['total_rows']} of {manifest['target_rows']} rows): "

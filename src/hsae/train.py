@@ -10,7 +10,16 @@ Files in the output folder:
 
 Resuming restores everything a step depends on (weights, Adam moments, counters, buffers such as
 thresholds and coefficients, the RNG) and the data sources are deterministic in the step, so a
-killed-and-resumed run ends with exactly the weights of an uninterrupted one.
+killed-and-resumed run ends with exactly the weights of an uninterrupted one. So that it does,
+--resume refuses any option that would change the run (the SAE config, the data's description, the
+training options but those in RUN_NEUTRAL_OPTIONS, the number of data-parallel processes), naming
+the option and both values; the saved training config stays the run's record.
+
+What a run leaves behind when it fails or is killed: a run stopped before its first checkpoint
+leaves the folder as it found it (an error removes what it wrote; after a kill, metrics.jsonl is
+started anew by --resume, which then begins at step 0); temporary files of writes a kill
+interrupted are removed when a run starts in the folder again; metric lines logged after the
+checkpoint a run resumes from are dropped.
 """
 
 from __future__ import annotations
@@ -19,20 +28,28 @@ import json
 import os
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from hsae.atomic import write_safetensors, write_text
+from hsae.atomic import check_writable, is_temp_of, remove_stale_temps, write_safetensors, write_text
 from hsae.config import SAEConfig, TrainConfig, from_dict, to_dict
-from hsae.errors import HsaeError, HsaeWarning
+from hsae.errors import HsaeError, HsaeWarning, os_error
 from hsae.eval.core import fvu
 from hsae.models import SAE, SAEOutput, StepContext, get_family
-from hsae.models.base import CONFIG_FILE, init_b_dec_geometric_median, standard_input_scale
+from hsae.models.base import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_memory,
+    check_state,
+    init_b_dec_geometric_median,
+    parameter_count,
+    standard_input_scale,
+)
 from hsae.models.codes import fire_counts, l0_per_row
 from hsae.sources.base import ActivationSource
 from hsae.version import __version__
@@ -40,6 +57,15 @@ from hsae.version import __version__
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
 INIT_SAMPLE_ROWS = 16384
+# The files a run writes into its folder; the temporary files of their atomic writes, left by a
+# killed process, are cleared when a run starts there again.
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, METRICS_FILE)
+# Training options a resumed run may change: they decide where the run runs and what it reports,
+# not what it computes. Every other option is refused on --resume when it differs.
+RUN_NEUTRAL_OPTIONS = ("checkpoint_every", "log_every", "device", "wandb_project")
+_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
+# Bytes per parameter while training: the float32 weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
 
 
 def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
@@ -91,24 +117,87 @@ class _Distributed:
             dist.barrier()
 
 
+def _leftovers_only(out: Path) -> bool:
+    """Whether `out` holds nothing but what a run stopped before its first checkpoint leaves: its
+    metrics.jsonl and temporary files of interrupted writes (or nothing at all)."""
+    return all(p.name == METRICS_FILE or is_temp_of(p.name, RUN_FILES) for p in out.iterdir())
+
+
 def check_out_dir(out: Path, resume: bool) -> None:
-    """Refuse an --out that is a file, or (unless resuming) holds a model or anything else."""
+    """Refuse an --out that is a file, or (unless resuming) holds a model or anything else; what
+    --resume needs of the folder is checked by the trainer, with the checkpoint."""
     if out.exists() and not out.is_dir():
         raise HsaeError(f"--out {out} is a file; give a folder")
-    if not resume and (out / CONFIG_FILE).exists():
+    check_writable(out)
+    if resume:
+        return
+    if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_FILE).exists():
         raise HsaeError(f"--out {out} already holds a model; pass --resume to continue it or choose another --out")
-    if not resume and out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
+        if _leftovers_only(out):
+            raise HsaeError(
+                f"--out {out} holds what a run stopped before its first checkpoint left ({METRICS_FILE}); pass "
+                "--resume to start that run again, or choose another --out"
+            )
         raise HsaeError(f"--out {out} is not empty; choose a new or empty folder (nothing was written)")
 
 
 def _resume_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The checkpoint's tensors and its state record (step, run record), None when there is none;
+    a damaged checkpoint is a named error."""
     path = out / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["state"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    damaged = f"--resume: {path} is damaged"
+    fix = "the run cannot continue from it: train again into a new --out"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = json.loads(metadata["state"])
+    except (SafetensorError, ValueError, RuntimeError) as err:  # json's errors are ValueErrors
+        raise HsaeError(f"{damaged} ({err}); {fix}") from None
+    except KeyError:
+        raise HsaeError(f"{damaged} (its metadata has no run state); {fix}") from None
+    record = meta.get("record") if isinstance(meta, dict) else None
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not (isinstance(step, int) and step >= 0 and isinstance(record, dict)):
+        raise HsaeError(f"{damaged} (its run state has no step and run record); {fix}")
+    for section in ("sae", "train"):
+        if not isinstance(record.get(section), dict):
+            raise HsaeError(f"{damaged} (its run record has no '{section}' section); {fix}")
+    if not isinstance(record.get("data") or {}, dict):
+        raise HsaeError(f"{damaged} (its data record is not an object); {fix}")
     return tensors, meta
+
+
+def _option_name(field: str) -> str:
+    return _FLAGS.get(field, f"-o {field}")
+
+
+def _resumed_train_config(saved: dict[str, Any], new: TrainConfig, n_latents: int) -> TrainConfig:
+    """The training config of a resumed run: the saved one, with only the run-neutral options taken
+    from `new`. Any other option that differs is refused, named with both values."""
+    old = from_dict(TrainConfig, saved, what="the checkpoint's training config", complete=True)
+    for field in fields(TrainConfig):
+        name = field.name
+        if name in RUN_NEUTRAL_OPTIONS:
+            continue
+        was, now = getattr(old, name), getattr(new, name)
+        if name == "lr":  # the default rate is a number too: compare the rates used
+            was, now = old.resolved_lr(n_latents), new.resolved_lr(n_latents)
+        if was != now:
+            flag = _option_name(name)
+            why = (
+                "the learning-rate schedule depends on the number of steps"
+                if name in ("steps", "lr_warmup_steps", "lr_decay_fraction")
+                else "it decides the run's batches and updates"
+            )
+            raise HsaeError(
+                f"--resume: {flag} is {now!r} now but {was!r} in the run being resumed ({why}); resume with {flag} "
+                f"{was}, or train into a new --out"
+            )
+    return replace(old, **{name: getattr(new, name) for name in RUN_NEUTRAL_OPTIONS})
 
 
 def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: ActivationSource) -> None:
@@ -136,6 +225,30 @@ def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: 
                 f"--resume: {key} is {value!r} now but {saved_sae.get(key)!r} in the run being resumed; "
                 "resume with the same options (or train into a new --out)"
             )
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _trimmed_metrics(text: str, step: int) -> str:
+    """The metric lines up to `step`: later ones (logged after the checkpoint being resumed) and a
+    line torn by a killed process are dropped."""
+    keep = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    return "".join(keep)
 
 
 class _TrainingForward(torch.nn.Module):
@@ -175,10 +288,20 @@ class Trainer:
         self.device = torch.device(train_config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HsaeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        self.family = get_family(sae_config.arch)
+        # Before anything is allocated: a model that cannot fit is refused with the memory it needs.
+        check_memory(
+            parameter_count(self.family, sae_config) * TRAINING_BYTES_PER_PARAMETER,
+            self.device,
+            f"training an SAE of {sae_config.n_latents} latents on width {sae_config.d_in} (float32 weights, "
+            "gradients and Adam's two moments)",
+            "lower --n-latents (or --expansion-factor)",
+        )
         self.dist = _Distributed(self.device, data_parallel)
         self.device = self.dist.device
-        self.family = get_family(sae_config.arch)
         self.sae_config = sae_config
+        # The step of the newest checkpoint in the folder (None: none yet).
+        self._checkpoint_step: int | None = None
 
     # ----- set-up ---------------------------------------------------------------------------
     def _record(self, model: SAE) -> dict[str, Any]:
@@ -214,6 +337,28 @@ class Trainer:
             fused=fused,
         )
 
+    def _open_folder(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Check the output folder and clear what killed runs left in it; the checkpoint to resume
+        from, or None for a fresh start."""
+        check_out_dir(self.out, resume=True)  # a file is refused; the caller checked a fresh folder
+        if self.dist.is_main:
+            remove_stale_temps(self.out, RUN_FILES)
+        if not self.resume:
+            if (self.out / CONFIG_FILE).exists() or (self.out / CHECKPOINT_FILE).exists():
+                raise HsaeError(f"{self.out} already holds a model; resume it or choose another folder")
+            return None
+        state = _resume_state(self.out)
+        if state is None:
+            if (self.out / CONFIG_FILE).exists():
+                raise HsaeError(f"--resume: {self.out} holds a model but no {CHECKPOINT_FILE}; it cannot be continued")
+            if self.out.is_dir() and not _leftovers_only(self.out):
+                shown = ", ".join(sorted(p.name for p in self.out.iterdir())[:5])
+                raise HsaeError(
+                    f"--resume: {self.out} holds no run to resume (no {CHECKPOINT_FILE}; it holds {shown}); give "
+                    "the folder of the run to continue, or train into a new or empty --out"
+                )
+        return state
+
     # ----- checkpoints ------------------------------------------------------------------------
     def _save(self, model: SAE, opt: torch.optim.Adam, step: int, since_fired: torch.Tensor) -> None:
         if not self.dist.is_main:
@@ -232,69 +377,110 @@ class Trainer:
         tensors["trainer.rng"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["trainer.cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        state = {"step": step, "record": self._record(model)}
+        state = {"step": step, "world_size": self.dist.world_size, "record": self._record(model)}
         # Order matters for crash safety: the checkpoint first (resume reads it), then the model.
         write_safetensors(self.out / CHECKPOINT_FILE, tensors, metadata={"state": json.dumps(state)})
+        self._checkpoint_step = step
         model.save(self.out, record=self._record(model))
 
     def _restore(self, model: SAE, opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        model.load_training_state({k[7:]: v for k, v in tensors.items() if k.startswith("family.")})
-        params = dict(model.named_parameters())
-        # Fused Adam keeps its step counter on the parameters' device; the default one on the CPU.
-        step_device = self.device if opt.param_groups[0].get("fused") else torch.device("cpu")
-        for name, p in params.items():
-            st = {}
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                t = tensors.get(f"optim.{name}.{key}")
-                if t is not None:
-                    st[key] = t.reshape(()).to(step_device) if key == "step" else t.to(self.device)
-            if st:
-                opt.state[p] = st
-        torch.set_rng_state(tensors["trainer.rng"])
-        if "trainer.cuda_rng" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["trainer.cuda_rng"], self.device)
-        return tensors["trainer.since_fired"].to(self.device)
+        path = self.out / CHECKPOINT_FILE
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            check_state(weights, model.state_dict(), path, f"the {model.arch} model of the run being resumed")
+        except HsaeError as err:
+            raise HsaeError(f"--resume: the checkpoint is damaged: {err}; train again into a new --out") from None
+        if "trainer.rng" not in tensors or "trainer.since_fired" not in tensors:
+            raise HsaeError(f"--resume: {path} is damaged (it lacks the trainer's state); train again into a new --out")
+        try:
+            model.load_state_dict(weights)
+            model.load_training_state({k[7:]: v for k, v in tensors.items() if k.startswith("family.")})
+            params = dict(model.named_parameters())
+            # Fused Adam keeps its step counter on the parameters' device; the default one on the CPU.
+            step_device = self.device if opt.param_groups[0].get("fused") else torch.device("cpu")
+            for name, p in params.items():
+                st = {}
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    t = tensors.get(f"optim.{name}.{key}")
+                    if t is not None:
+                        if key != "step" and t.shape != p.shape:
+                            raise ValueError(f"optim.{name}.{key} has shape {tuple(t.shape)}, not {tuple(p.shape)}")
+                        st[key] = t.reshape(()).to(step_device) if key == "step" else t.to(self.device)
+                if st:
+                    opt.state[p] = st
+            torch.set_rng_state(tensors["trainer.rng"])
+            if "trainer.cuda_rng" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["trainer.cuda_rng"], self.device)
+            since_fired = tensors["trainer.since_fired"].to(self.device)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise HsaeError(f"--resume: {path} is damaged ({err}); train again into a new --out") from None
+        if since_fired.shape != (model.n_latents,):
+            raise HsaeError(f"--resume: {path} is damaged (its dead-latent counters do not fit the model)")
+        return since_fired
 
-    def _trim_metrics(self, step: int) -> None:
-        """Drop metric lines past the resumed step, so the file reads as one uninterrupted run."""
-        path = self.out / METRICS_FILE
-        if not path.exists():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        write_text(path, "".join(ln + "\n" for ln in keep))
+    def _resumed_model(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[SAE, Any, Any, int]:
+        """The model, optimiser and dead-latent counters restored from a checkpoint, and its step;
+        the run's options must match those it was started with (the training config becomes the
+        saved one, with the run-neutral options of this call)."""
+        record = meta["record"]
+        _check_resume_compatible(record, self.sae_config, self.source)
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise HsaeError(
+                f"--resume: the run being resumed ran on {saved_world} data-parallel process(es), this one on "
+                f"{self.dist.world_size} (each reads its own share of the data); resume with --nproc_per_node "
+                f"{saved_world}, or train into a new --out"
+            )
+        self.cfg = _resumed_train_config(record["train"], self.cfg, self.sae_config.n_latents)
+        saved = from_dict(self.family.config_class, record["sae"], what="the checkpoint's sae config", complete=True)
+        model = self.family.from_config(saved).to(self.device)
+        opt = self._optimizer(model)
+        since_fired = self._restore(model, opt, tensors)
+        return model, opt, since_fired, int(meta["step"])
 
     # ----- the loop ----------------------------------------------------------------------------
     def run(self) -> SAE:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True) if self.dist.is_main else None
-        state = _resume_state(self.out) if self.resume else None
-        if self.resume and state is None and (self.out / CONFIG_FILE).exists():
-            raise HsaeError(f"--resume: {self.out} holds a model but no {CHECKPOINT_FILE}; it cannot be continued")
+        state = self._open_folder()
+        new_folders = _missing_folders(self.out)
         if state is not None:
-            tensors, meta = state
-            _check_resume_compatible(meta["record"], self.sae_config, self.source)
-            saved = from_dict(self.family.config_class, meta["record"]["sae"], what="sae config")
-            model = self.family.from_config(saved).to(self.device)
-            opt = self._optimizer(model)
-            since_fired = self._restore(model, opt, tensors)
-            start = int(meta["step"])
-            self._trim_metrics(start) if self.dist.is_main else None
+            model, opt, since_fired, start = self._resumed_model(*state)
+            self._checkpoint_step = start
         else:
             model = self._fresh_model().to(self.device)
             opt = self._optimizer(model)
             since_fired = torch.zeros(model.n_latents, dtype=torch.long, device=self.device)
             start = 0
+        cfg = self.cfg
         model.train()
+        if start >= cfg.steps:
+            return model.eval()
+        if state is not None and self.dist.is_main:
+            self._trim_metrics(start)
+        log = _MetricsLog(self.out / METRICS_FILE, fresh=state is None) if self.dist.is_main else None
+        try:
+            self._loop(model, opt, since_fired, start, log)
+        except BaseException:
+            # A run stopped before its first checkpoint leaves the folder as it found it: nothing
+            # could be resumed from what it wrote.
+            if log is not None and self._checkpoint_step is None:
+                log.discard()
+                for folder in new_folders:
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
+            raise
+        finally:
+            if log is not None:
+                log.close()
+        return model.eval()
+
+    def _loop(self, model: SAE, opt: torch.optim.Adam, since_fired: torch.Tensor, start: int, log: _MetricsLog | None):
+        cfg = self.cfg
         wrapped: torch.nn.Module = _TrainingForward(model)
         if self.dist.active:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         base_lr = cfg.resolved_lr(model.n_latents)
-        if start >= cfg.steps:
-            return model.eval()
-
         tokens_per_step = cfg.batch_size * self.dist.world_size
         # Minimal user sources may not count their rows: no epoch figure then.
         epoch_rows = getattr(self.source, "epoch_rows", lambda: None)()
@@ -305,11 +491,10 @@ class Trainer:
                     f"{cfg.steps} steps of {tokens_per_step} tokens); harvest more tokens or train fewer steps to "
                     "see every row once"
                 ),
-                stacklevel=2,
+                stacklevel=3,
             )
         wandb_run = self._wandb(model) if self.dist.is_main else None
         batches = self.source.batches(cfg.batch_size, start, self.dist.rank, self.dist.world_size)
-        metrics_fh = open(self.out / METRICS_FILE, "a") if self.dist.is_main else None
         progress = self._progress(start) if (self.dist.is_main and self.show_progress) else None
         t0, tokens = time.perf_counter(), 0
         try:
@@ -328,10 +513,7 @@ class Trainer:
                 # saves (a non-finite loss stays so once the weights are, and is caught before any
                 # checkpoint is written), on the CPU every step.
                 if (self.device.type == "cpu" or log_now or save_now) and not torch.isfinite(loss):
-                    raise HsaeError(
-                        f"the loss became {float(loss.detach())} by step {step}; lower --lr or check the data "
-                        f"(the last checkpoint in {self.out} is intact)"
-                    )
+                    raise HsaeError(self._diverged(float(loss.detach()), done))
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg, base_lr)
                 # The reconstruction is not held through the backward (one (n, d_in) tensor less at
@@ -354,9 +536,8 @@ class Trainer:
                     row = self._metrics(done, step_fvu, out, dead, opt, tokens / (time.perf_counter() - t0))
                     if epoch_rows:
                         row["epochs"] = done * tokens_per_step / epoch_rows
-                    if metrics_fh is not None:
-                        metrics_fh.write(json.dumps(row) + "\n")
-                        metrics_fh.flush()
+                    if log is not None:
+                        log.write(row)
                     if progress is not None:
                         progress.update(row)
                     if wandb_run is not None:
@@ -364,8 +545,6 @@ class Trainer:
                 elif progress is not None:
                     progress.advance()
                 if save_now:
-                    if metrics_fh is not None:
-                        metrics_fh.flush()
                     self._save(model, opt, done, since_fired)
                     self.dist.barrier()
                 if self.stop_after is not None and done >= self.stop_after:
@@ -373,11 +552,24 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-            if metrics_fh is not None:
-                metrics_fh.close()
             if wandb_run is not None:
                 wandb_run.finish()
-        return model.eval()
+
+    def _diverged(self, loss: float, step: int) -> str:
+        """The message for a non-finite loss, true to what the folder holds."""
+        if self._checkpoint_step is None:
+            kept = f"nothing was saved, {self.out} is as it was"
+            again = "train again"
+        else:
+            kept = f"the checkpoint at step {self._checkpoint_step} in {self.out} is intact"
+            again = "train again into a new --out"
+        return f"the loss became {loss} by step {step}; {again} with a lower --lr, or check the data ({kept})"
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric lines past the resumed step, so the file reads as one uninterrupted run."""
+        path = self.out / METRICS_FILE
+        if path.exists():
+            write_text(path, _trimmed_metrics(path.read_text(), step))
 
     def _metrics(self, step, step_fvu, out, dead, opt, tokens_per_s) -> dict[str, Any]:
         with torch.no_grad():
@@ -404,6 +596,38 @@ class Trainer:
 
     def _progress(self, start: int) -> _ProgressBar:
         return _ProgressBar(self.cfg.steps, start)
+
+
+class _MetricsLog:
+    """metrics.jsonl, opened at its first line: a fresh run starts it anew (a run stopped before its
+    first checkpoint left lines nobody can resume), a resumed one appends to the trimmed file."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        self.fresh = fresh
+        self._fh: IO[str] | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        try:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "w" if self.fresh else "a")
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+        except OSError as err:
+            raise os_error(err, self.path) from err
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def discard(self) -> None:
+        """Remove what this run wrote (only a fresh run's file: a resumed run's is the run's own)."""
+        opened = self._fh is not None
+        self.close()
+        if opened and self.fresh and self.path.exists():
+            self.path.unlink()
 
 
 class _ProgressBar:

@@ -9,12 +9,18 @@ from rich.console import Console
 from rich.table import Table
 
 from hsae.cli import app
+from hsae.errors import HsaeError
 from hsae.eval.report import format_value, scalar_items
 
 OPTION_HELP = (
     "KEY=VALUE for an evaluator (repeatable): corpus, sentences, base_model, hook, absorption_min_probe_f1, "
     "absorption_words, wordnet_nouns, wordnet_top, wordnet_threshold, seed, ... (see hsae.eval modules)"
 )
+
+
+def _check_tokens(tokens: int) -> None:
+    if tokens <= 0:
+        raise HsaeError(f"--tokens must be a positive number of rows to evaluate on, got {tokens}")
 
 
 def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
@@ -87,6 +93,8 @@ def run_eval(
 ):
     """What `hsae eval` does, callable from other commands: evaluate, print, write the report."""
     import hsae
+
+    _check_tokens(tokens)
     from hsae.eval.run import evaluate
 
     model = hsae.load(model_dir)
@@ -127,6 +135,7 @@ def compare(
     from hsae.eval.run import evaluate
 
     # Every folder is checked before the first evaluation starts.
+    _check_tokens(tokens)
     models = [(model_dir, hsae.load(model_dir), *_open_for(model_dir, data, synthetic)) for model_dir in model_dirs]
     reports = []
     for model_dir, model, source, heldout in models:

@@ -15,11 +15,18 @@ from hsae.train import METRICS_FILE
 
 
 def last_metrics(directory: Path) -> dict | None:
+    """The last metric line that reads as one (a line a killed run tore is passed over)."""
     path = directory / METRICS_FILE
     if not path.is_file():
         return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else None
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            return row
+    return None
 
 
 def flat_items(values: dict, prefix: str = "") -> list[tuple[str, str]]:
@@ -63,7 +70,7 @@ def info(directory: Path = typer.Argument(..., help="A model folder written by `
         console.print(table)
     metrics = last_metrics(directory)
     if metrics:
-        table = Table(title=f"last logged step ({metrics['step']})", show_header=False, title_justify="left")
+        table = Table(title=f"last logged step ({metrics.get('step', '?')})", show_header=False, title_justify="left")
         for key, value in metrics.items():
             table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
         console.print(table)

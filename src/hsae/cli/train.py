@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -39,8 +40,8 @@ def resolve_size(n_latents: int | None, expansion_factor: float | None, d_in: in
     if (n_latents is None) == (expansion_factor is None):
         raise HsaeError("give the dictionary size as --n-latents N or as --expansion-factor F (N = F x d_in), one")
     if expansion_factor is not None:
-        if not expansion_factor > 0:
-            raise HsaeError(f"--expansion-factor must be positive, got {expansion_factor}")
+        if not (expansion_factor > 0 and math.isfinite(expansion_factor)):
+            raise HsaeError(f"--expansion-factor must be a positive number, got {expansion_factor}")
         return max(1, round(expansion_factor * d_in))
     assert n_latents is not None
     return n_latents
@@ -141,7 +142,7 @@ def train(
     # One SAE per hook, each in OUT/<hook>; under torchrun the SAEs are spread over the ranks (each
     # rank trains its own on all the data) instead of one SAE's batches.
     several = len(hooks) > 1
-    mine = hooks[rank::world] if several else (hooks or [None])
+    mine: list[str | None] = [*hooks[rank::world]] if several else [*hooks] or [None]
     device_name = str(local_device(resolve_device(device))) if not several else resolve_device(device)
     tokens_per_step = batch_size * (1 if several else world)
     base_train = {
@@ -156,8 +157,8 @@ def train(
         **train_opts,
     }
     train_cfg = from_dict(TrainConfig, base_train, what="training")
-    if not resume and rank == 0:  # under torchrun, rank 0 owns the folder
-        check_out_dir(out, resume=False)
+    if rank == 0:  # under torchrun, rank 0 owns the folder
+        check_out_dir(out, resume=resume)  # (a resumed folder's run is checked with its checkpoint)
     for one_hook in mine:
         target = out / _hook_folder(one_hook) if several and one_hook is not None else out
         if data is None:

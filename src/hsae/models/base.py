@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from hsae.atomic import write_json, write_safetensors
@@ -263,38 +264,169 @@ class SAE(nn.Module, Generic[C]):
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
+    """A model folder's config.json: a JSON object whose sections ("sae", "train", "data", ...) are
+    objects (or null); anything else is refused as a damaged folder."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise HsaeError(f"{directory} holds no hsae model ({CONFIG_FILE} is missing); train one with `hsae train`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HsaeError(f"{path} is not valid JSON ({err}); the model folder is damaged") from None
+    if not isinstance(record, dict):
+        raise HsaeError(
+            f"{path} holds a JSON {type(record).__name__}, not an object with 'sae', 'train' and 'data' sections; "
+            "the model folder is damaged"
+        )
+    for section in ("sae", "train", "data"):
+        if record.get(section) is not None and not isinstance(record[section], dict):
+            raise HsaeError(f"{path}: its '{section}' section is not an object; the model folder is damaged")
+    return record
+
+
+def parameter_count(family: type[SAE], config: SAEConfig) -> int:
+    """The number of parameters a model of `config` has, without allocating it: counted on the meta
+    device, or, for a family whose set-up needs real values, the lower bound every family meets (a
+    dictionary of n_latents directions in d_in)."""
+    try:
+        with torch.device("meta"):
+            model = family.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except (RuntimeError, NotImplementedError):
+        return config.n_latents * config.d_in
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None when it cannot be told)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: int, device: str | torch.device, what: str, fix: str) -> None:
+    """Refuse, before allocating, work that needs more memory than `device` has free."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise HsaeError(
+            f"{what} needs at least {needed / 2**30:.1f} GiB of memory, but {torch.device(device)} has "
+            f"{free / 2**30:.1f} GiB free; {fix}"
+        )
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise HsaeError(
+            f"{path} is not a readable safetensors file ({err}); it is damaged or truncated: copy or train the model "
+            "again"
+        ) from None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating point"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integers"
+
+
+def check_state(state: dict[str, Tensor], expected: dict[str, Tensor], path: Path, what: str) -> None:
+    """`state` (tensors read from `path`) must have the names, shapes and kinds of `expected` (a
+    model's state dict) and hold no NaN; otherwise a named error."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise HsaeError(
+            f"{path} does not match {what} (missing {missing}, unexpected {unexpected}); it is damaged or belongs "
+            "to another model"
+        )
+    for name, want in expected.items():
+        got = state[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise HsaeError(
+                f"{path}: {name} has shape {tuple(got.shape)} but {what} needs {tuple(want.shape)}; the weights "
+                "do not belong to this config"
+            )
+        if _kind(got.dtype) != _kind(want.dtype):
+            raise HsaeError(
+                f"{path}: {name} is {str(got.dtype).replace('torch.', '')}, but {what} keeps it as "
+                f"{_kind(want.dtype)}; the weights are damaged or were not written by hsae"
+            )
+        # (an infinity can mean something in a family's own tensors, e.g. the log of a zero threshold;
+        # NaN never does)
+        if got.dtype.is_floating_point and bool(got.isnan().any()):
+            _refuse_non_finite(path, name, got)
+
+
+def _refuse_non_finite(path: Path, name: str, values: Tensor) -> None:
+    bad = int((~torch.isfinite(values)).sum())
+    raise HsaeError(
+        f"{path}: {name} holds {bad} NaN or infinite value(s); the model diverged or the file is damaged: train it "
+        "again (with a lower --lr)"
+    )
+
+
+def check_finite_weights(model: SAE, path: Path) -> None:
+    """The encoder and decoder every family exposes hold finite numbers (a diverged model's do not)."""
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            values = getattr(model, name, None)  # (a family may have no encoder bias)
+            if isinstance(values, Tensor) and values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                _refuse_non_finite(path, name, values)
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a model saved by `SAE.save` (or any hsae checkpoint folder)."""
+    """Load a model saved by `SAE.save` (or any hsae checkpoint folder): every config field, every
+    weight (names, shapes, kinds) and finite values are checked, each failure a named HsaeError."""
     directory = Path(directory)
     record = read_config(directory)
-    if "sae" not in record or "arch" not in record["sae"]:
+    sae_record = record.get("sae")
+    if not isinstance(sae_record, dict) or not isinstance(sae_record.get("arch"), str):
         raise HsaeError(f"{directory / CONFIG_FILE} has no 'sae' section with an 'arch'; not an hsae model")
-    family = get_family(record["sae"]["arch"])
-    config = from_dict(family.config_class, record["sae"], what="sae config")
+    family = get_family(sae_record["arch"])
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise HsaeError(f"{directory} has a config but no {WEIGHTS_FILE}; the model folder is incomplete")
-    with safe_open(str(weights_path), framework="pt", device="cpu") as fh:
-        state = {key: fh.get_tensor(key) for key in fh.keys()}
-    model = family.from_config(config)
-    dtype = state.get("W_dec", torch.empty(0)).dtype
-    if dtype.is_floating_point:
-        model.to(dtype)  # the weights file decides the dtype
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    config = from_dict(family.config_class, sae_record, what=f"{directory / CONFIG_FILE} sae", complete=True)
+    state = _read_weights(weights_path)  # (as much memory as the file is large, no more)
+    size = parameter_count(family, config)
+    # The file must hold the model's float32 (or half) weights: a config whose model would be far
+    # larger than its weights file is damaged, and building that model could exhaust the memory.
+    if size * 2 > weights_path.stat().st_size * 1.01 + 4096:
         raise HsaeError(
-            f"{weights_path} does not match the {family.arch} family "
-            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+            f"{directory / CONFIG_FILE} describes a model of {size} parameters ({config.n_latents} latents, d_in "
+            f"{config.d_in}), more than {weights_path} ({weights_path.stat().st_size} bytes) holds; the config "
+            "does not belong to these weights"
         )
+    check_memory(size * 4, "cpu", f"the model in {directory}", "load it on a machine with more memory")
+    model = family.from_config(config)
+    check_state(state, model.state_dict(), weights_path, f"the {family.arch} model of {directory / CONFIG_FILE}")
+    dtype = state["W_dec"].dtype if "W_dec" in state else None
+    if dtype is not None and dtype.is_floating_point:
+        model.to(dtype)  # the weights file decides the dtype
+    parents = state.get("parents")
+    if parents is not None and parents.numel() and not bool(((parents >= -1) & (parents < config.n_latents)).all()):
+        raise HsaeError(
+            f"{weights_path}: parents holds values outside -1..{config.n_latents - 1} (each latent's parent, -1 for "
+            "a root); the file is damaged: extract the forest again with `hsae tree --save`"
+        )
+    model.load_state_dict(state)
+    check_finite_weights(model, weights_path)
     return model.to(device).eval()
 
 

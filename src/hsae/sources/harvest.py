@@ -4,7 +4,8 @@ Every shard is written atomically, then the manifest is rewritten atomically wit
 the resume point (the place of the first unwritten row: the first document of its sort window and
 the rows of that window before it). A harvest stopped at any moment and started again with the same
 settings ends with exactly the rows an uninterrupted one has, because the harvester's batches depend
-only on the sort window's documents (see `hsae.sources.hf.Harvester`).
+only on the sort window's documents (see `hsae.sources.hf.Harvester`); the temporary files of the
+writes a kill interrupted are removed when it starts again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsae.atomic import write_json, write_safetensors
+from hsae.atomic import check_writable, remove_stale_temps, write_json, write_safetensors
 from hsae.errors import HsaeError
 from hsae.sources.hf import Harvester, TokenRows, attention_heads, transformer_lens_name
 from hsae.sources.text import describe_corpus
@@ -39,6 +40,7 @@ def check_store_folder(out: Path) -> dict[str, Any] | None:
     """The manifest of a store to resume, None for a new store; refuses folders holding anything else."""
     if out.exists() and not out.is_dir():
         raise HsaeError(f"{out} is a file, not a store folder")
+    check_writable(out)
     manifest = read_manifest(out) if out.is_dir() else None
     if manifest is None and out.is_dir():
         others = [p.name for p in out.iterdir() if not p.name.startswith(".")]
@@ -110,8 +112,8 @@ def harvest_to_store(
                 f"{out} holds a store harvested with other settings ({', '.join(changed)} differ): "
                 "repeat the original command to finish it, or choose a new --out folder"
             )
-    for stale in out.glob(".shard-*.tmp"):  # temp files of a harvest killed mid-write
-        stale.unlink()
+    # Temporary files of the shard and manifest writes a killed harvest left half done.
+    remove_stale_temps(out, [MANIFEST, "shard-*.safetensors"])
     if manifest["status"] == "complete":
         return ActivationStore.open(out, hook=harvester.hooks[0])
 
