@@ -22,7 +22,6 @@ from hsae.interpret.concepts import (
     name_by_text,
     name_by_words,
     over_represented,
-    typical_activation,
     zero_shot_classifier,
 )
 from hsae.models import get_family
@@ -132,5 +131,3 @@ def test_bias_audit_finds_the_class_a_concept_pushes(directions):
     assert concept_effect(model, x, latent=2, delta=0.0, classify=lambda e: e @ head.t()).abs().max() < 1e-6
     clip_head = zero_shot_classifier(torch.cat([directions[5:6], directions[6:7]]))
     assert concept_effect(model, x, latent=5, delta=4.0, classify=clip_head).argmax() == 0
-    acts = torch.tensor([[0.0, 1.0], [2.0, 0.0], [4.0, 0.0], [0.0, 0.0]])
-    assert typical_activation(acts, 0) == 2.0 and typical_activation(torch.zeros(3, 2), 1) == 0.0

@@ -209,13 +209,6 @@ def concept_search(
     return ids, scores
 
 
-def typical_activation(activations: Tensor, latent: int) -> float:
-    """The latent's median active value over images (0 when it never fires): a unit for `delta`."""
-    active = activations[:, latent]
-    active = active[active > 0]
-    return float(active.median()) if active.numel() else 0.0
-
-
 @torch.no_grad()
 def concept_effect(
     model, x: Tensor, latent: int, delta: float, classify: Callable[[Tensor], Tensor], k: int | None = None
