@@ -1,6 +1,6 @@
 """The examples pass against a plain encode pass of the same tokens, and the browser's API latency.
 
-    python benchmarks/examples.py [--data runs/demo/store] [--n-latents 16384] [--tokens 200000]
+    python benchmarks/examples.py [--data STORE] [--n-latents 16384] [--tokens 1000000]
 
 In one run, on one model (a TopK SAE, k=32, of --n-latents latents at the store's width; its weights are
 random: the pass's cost depends on the codes' sparsity, which TopK fixes, not on what they mean):
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--data", default="runs/demo/store", help="an activation store (else random rows)")
     parser.add_argument("--n-latents", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="at most the store's rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=200, help="requests per API route")
     args = parser.parse_args()
