@@ -128,6 +128,56 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tenso
     return _SparseDecode.apply(indices, values, W_dec, offsets)
 
 
+def segment_sum_into(
+    out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, block: int = 512
+) -> None:
+    """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]], for latents lo..hi-1,
+    entries sorted by latent with CSR pointer `ptr` (n_latents + 1,); on the CPU `block` latents at a
+    time, so embedding_bag's per-entry temporaries stay small (a GPU takes them all at once)."""
+    if hi <= lo:
+        return
+    step = hi - lo if out.device.type != "cpu" else block
+    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
+    for blk, j0 in enumerate(range(lo, hi, step)):
+        j1 = min(hi, j0 + step)
+        p0, p1 = cuts[blk], cuts[blk + 1]
+        out[j0:j1] = F.embedding_bag(
+            rows[p0:p1],
+            table,
+            ptr[j0 : j1 + 1] - p0,
+            mode="sum",
+            per_sample_weights=weights[p0:p1],
+            include_last_offset=True,
+        )
+
+
+# Entries per embedding_bag call of `bag_sum_blocks` (its per-entry temporaries stay this small).
+BAG_BLOCK_ENTRIES = 1 << 18
+
+
+def bag_sum_blocks(indices: Tensor, weights: Tensor, table: Tensor, offsets: Tensor) -> Tensor:
+    """out[b] = sum over the entries e of CSR bag b of weights[e] * table[indices[e]], (n_bags, d); on
+    the CPU in blocks of bags holding about BAG_BLOCK_ENTRIES entries, so embedding_bag's per-entry
+    temporaries stay small when there are many entries (the AuxK entries of many dead latents); a GPU
+    takes them all at once. Each bag's sum is the same either way."""
+    n_bags = offsets.numel() - 1
+    block = max(1, -(-n_bags * BAG_BLOCK_ENTRIES // max(1, indices.numel())))
+    if table.device.type != "cpu" or n_bags <= block:
+        return F.embedding_bag(
+            indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+        )
+    out = torch.empty(n_bags, table.shape[1], dtype=table.dtype, device=table.device)
+    cuts = offsets[::block].tolist() + ([int(offsets[-1])] if n_bags % block else [])
+    for blk, b0 in enumerate(range(0, n_bags, block)):
+        b1 = min(n_bags, b0 + block)
+        p0, p1 = cuts[blk], cuts[blk + 1]
+        out[b0:b1] = F.embedding_bag(
+            indices[p0:p1], table, offsets[b0 : b1 + 1] - p0, mode="sum", per_sample_weights=weights[p0:p1],
+            include_last_offset=True,
+        )  # fmt: skip
+    return out
+
+
 # ----- encoder gradients -----------------------------------------------------------------------------
 # Latents per block of the grad-W_enc segment sum (its (block, d_in) result is transposed in cache).
 _WENC_BLOCK = 256

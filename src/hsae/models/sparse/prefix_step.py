@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.sparse.ops import group_by_latent
+from hsae.models.sparse.ops import group_by_latent, segment_sum_into
 from hsae.models.sparse.selection import TopKSelection
 from hsae.models.sparse.topk_step import (
     dense_aux_forward,
@@ -76,26 +76,6 @@ def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: T
 # Latents per block when a group's rows of grad W_dec are written: the segment sum's (block, d)
 # result is a small temporary instead of one as large as the group (the loop is the step's peak).
 WDEC_BLOCK = 512
-
-
-def _segment_sum_into(out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor) -> None:
-    """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]], for latents lo..hi-1,
-    entries sorted by latent with CSR pointer `ptr` (n_latents + 1,)."""
-    if hi <= lo:
-        return
-    step = hi - lo if out.device.type != "cpu" else WDEC_BLOCK
-    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
-    for blk, j0 in enumerate(range(lo, hi, step)):
-        j1 = min(hi, j0 + step)
-        p0, p1 = cuts[blk], cuts[blk + 1]
-        out[j0:j1] = F.embedding_bag(
-            rows[p0:p1],
-            table,
-            ptr[j0 : j1 + 1] - p0,
-            mode="sum",
-            per_sample_weights=weights[p0:p1],
-            include_last_offset=True,
-        )
 
 
 class _SparsePrefixStep(torch.autograd.Function):
@@ -206,7 +186,7 @@ class _SparsePrefixStep(torch.autograd.Function):
                 S.addcmul_(E, w * two_over_n)
             lo, hi, p0, p1 = bounds[g], bounds[g + 1], cut[g], cut[g + 1]
             if need_wd:
-                _segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, G, ptr)
+                segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, G, ptr, WDEC_BLOCK)
             if p1 > p0:
                 gv[p0:p1] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                     G, W_dec, cols_s[p0:p1], bag_offsets[:-1], bags_s[p0:p1], 0, -1

@@ -16,10 +16,9 @@ tests/test_kernels.py checks losses and gradients against the dense formulation.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.sparse.ops import encoder_matmul, group_by_latent, segment_sum_transposed
+from hsae.models.sparse.ops import bag_sum_blocks, encoder_matmul, segment_sum_into, segment_sum_transposed
 from hsae.models.sparse.selection import TopKSelection
 
 
@@ -85,9 +84,7 @@ class _SparseTopKStep(torch.autograd.Function):
         n_bags = bag_offsets.numel() - 1
         # W_dec.detach(): embedding_bag of a weight that requires grad also builds what its own backward
         # would need (bag ids, sizes), ~15% of the call; this function has its own backward.
-        out = F.embedding_bag(
-            cols, W_dec.detach(), bag_offsets, mode="sum", per_sample_weights=vals, include_last_offset=True
-        )
+        out = bag_sum_blocks(cols, vals, W_dec.detach(), bag_offsets)
         x_hat = out[:n].add(b_dec)
         if scale != 1.0:
             x_hat.div_(scale)
@@ -106,7 +103,10 @@ class _SparseTopKStep(torch.autograd.Function):
         else:
             aux = torch.zeros((), dtype=out.dtype, device=out.device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, bag_offsets, dead_cols)
+        # The entries are kept on ctx rather than saved, so the backward can drop them once it has
+        # them in latent order (with many dead latents they are the step's largest arrays).
+        ctx.entries = (cols, vals)
         ctx.out = out  # not saved: the backward overwrites it in place and frees it early
         ctx.aux_z = aux_z  # (no autograd history) likewise freed as soon as the backward is done with it
         ctx.scale, ctx.aux_coef = scale, aux_coef
@@ -118,7 +118,9 @@ class _SparseTopKStep(torch.autograd.Function):
         if G is None:
             raise RuntimeError("the sparse TopK step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.out = None
-        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, dead_cols = ctx.saved_tensors
+        W_enc, W_dec, b_dec, x, bag_offsets, dead_cols = ctx.saved_tensors
+        cols, vals = ctx.entries
+        ctx.entries = None
         grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
@@ -141,44 +143,43 @@ class _SparseTopKStep(torch.autograd.Function):
         if need_bd:
             grad_bd = Gm.sum(0)
         del Gm
-        bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
-        order, ptr = group_by_latent(cols, m)
-        bags_sorted = bags.index_select(0, order)
+        # From here on every per-entry array is in latent order, and each unsorted one is released
+        # as soon as it is not needed: with many dead latents the AuxK entries outnumber the codes'
+        # several times and these arrays are the step's peak (issue 18).
+        # int32 entry ids where they fit: half the memory of the per-entry arrays
+        narrow = torch.int32 if max(cols.numel(), n_bags, m) < 2**31 else torch.long
+        ptr = torch.zeros(m + 1, dtype=narrow, device=cols.device)
+        torch.cumsum(torch.bincount(cols, minlength=m), 0, out=ptr[1:])
+        # sorting the (narrow) latent ids gives them in latent order and the permutation at once
+        # (the same sort as group_by_latent's argsort)
+        cols_sorted, order = cols.to(narrow).sort()
+        del cols
+        bags_sorted = (
+            torch.arange(n_bags, device=order.device, dtype=narrow)
+            .repeat_interleave(bag_offsets.diff(), output_size=order.numel())
+            .index_select(0, order)
+        )
+        vals_sorted = vals.index_select(0, order)
+        del vals, order
         if need_wd:
-            grad_wd = F.embedding_bag(
-                bags_sorted,
-                G,
-                ptr,
-                mode="sum",
-                per_sample_weights=vals.index_select(0, order),
-                include_last_offset=True,
-            )
+            grad_wd = torch.empty_like(W_dec)
+            segment_sum_into(grad_wd, 0, m, bags_sorted, vals_sorted, G, ptr)
             if grad_wd_dead is not None:
                 grad_wd.index_add_(0, dead_cols, grad_wd_dead)
         del grad_wd_dead
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 8)
-        g = torch.ops.aten._embedding_bag_per_sample_weights_backward(G, W_dec, cols, bag_offsets[:-1], bags, 0, -1)
-        del G, bags
-        g.mul_(vals > 0)  # ReLU: no gradient where the value was clipped to 0
-        g_sorted = g.index_select(0, order)
-        del g
-        grad_we, grad_be = encoder_grads(
-            W_enc,
-            x,
-            s,
-            b_dec,
-            cols.index_select(0, order),
-            g_sorted,
-            bags_sorted,
-            ptr,
-            n,
-            grad_bd,
-            need_we,
-            need_be,
-            grad_z,
-            dead_cols,
+        # the value gradients G[bag] . W_dec[latent], entry by entry, straight in latent order
+        g_sorted = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            G, W_dec, cols_sorted, bag_offsets[:-1].to(narrow), bags_sorted, 0, -1
         )
+        del G
+        g_sorted.mul_(vals_sorted > 0)  # ReLU: no gradient where the value was clipped to 0
+        del vals_sorted
+        grad_we, grad_be = encoder_grads(
+            W_enc, x, s, b_dec, cols_sorted, g_sorted, bags_sorted, ptr, n, grad_bd, need_we, need_be, grad_z,
+            dead_cols,
+        )  # fmt: skip
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
 
 
@@ -231,9 +232,13 @@ def selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
     live = sel.aux_values > 0
     aux_off = torch.zeros(live.shape[0], dtype=torch.long, device=cols.device)
     torch.cumsum(live.sum(1), 0, out=aux_off)
+    aux_cols, aux_vals = sel.aux_indices.reshape(-1), sel.aux_values.reshape(-1)
+    if not bool(live.all()):  # flat positions of the live entries, found once for both arrays
+        keep = live.reshape(-1).nonzero().squeeze(1)
+        aux_cols, aux_vals = aux_cols.index_select(0, keep), aux_vals.index_select(0, keep)
     return (
-        torch.cat([cols, sel.aux_indices[live]]),
-        torch.cat([vals, sel.aux_values[live]]),
+        torch.cat([cols, aux_cols]),
+        torch.cat([vals, aux_vals]),
         torch.cat([offsets, aux_off.add_(cols.numel())]),
     )
 
@@ -279,6 +284,9 @@ def sparse_topk_step(
     backpropagate to W_enc, b_enc, W_dec and b_dec through the selected entries only
     (`_SparseTopKStep`)."""
     cols, vals, offsets = selection_entries(sel)
+    has_aux = sel.aux_values is not None
+    # The AuxK entries now live in (cols, vals): drop the selection's copies before the decoder runs.
+    sel.aux_values = sel.aux_indices = None
     dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
     x_hat, mse, aux = _SparseTopKStep.apply(
         W_enc,
@@ -294,4 +302,4 @@ def sparse_topk_step(
         dead_cols,
         aux_z,
     )
-    return x_hat, mse, (aux if sel.aux_values is not None or dense_aux is not None else None)
+    return x_hat, mse, (aux if has_aux or dense_aux is not None else None)
