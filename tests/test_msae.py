@@ -168,6 +168,7 @@ def test_encode_at_any_k_is_the_top_k_of_the_shared_pre_activations():
             model.encode(x, k=65)
 
 
+@pytest.mark.slow
 def test_one_msae_beats_a_topk_trained_at_the_largest_k_when_read_at_a_small_k(tmp_path):
     """What the nesting is for: read at k=2, an MSAE over (2, 4, 8) reconstructs better than a TopK
     trained at k=8 only, on the same data and budget (measured 0.21 against 0.45)."""

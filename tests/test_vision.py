@@ -276,6 +276,7 @@ sys.exit(main(sys.argv[1:]))
 
 @needs_stamps
 @needs_efficientnet
+@pytest.mark.slow
 def test_efficientnet_harvest_of_stamps_killed_and_resumed_gives_identical_shards(tmp_path):
     from hsae.cli import main
 
