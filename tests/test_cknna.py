@@ -94,7 +94,8 @@ def test_the_over_k_evaluator_runs_for_nested_families_and_explains_when_it_skip
     run = over_k
     x = torch.randn(40, 12)
     result = run(EvalContext(model=_msae(), model_dir=None, source=None, x=x))
-    assert result["ks"] == doubling_ks(48) == [16, 32, 48]
+    assert doubling_ks(48) == [16, 32, 48]
+    assert result["ks"] == [1, 2, 4, 8, 16, 32, 48]  # its nested k (default for k = 8), then the paper's
     assert {"fvu@16", "cknna_codes@48", "zero_fraction@32"} <= set(result)
     topk = get_family("topk")(from_dict(get_family("topk").config_class, dict(arch="topk", d_in=12, n_latents=48)))
     with pytest.raises(Skip, match="-o ks="):

@@ -1,7 +1,8 @@
 """The `over_k` evaluator: a model with `supports_k` read at many k (hsae.eval.over_k).
 
 Which k: `-o ks=16,32,...`; without it, nested-over-k families (those with `nesting()`, MSAE) are
-read at 16, 32, ... up to the width, as in the MSAE paper, and other families are skipped (a TopK
+read at their nested k and at 16, 32, ... up to the width, as in the MSAE paper, and other families
+are skipped (a TopK
 model read far from the k it was trained at says little about it; ask with `-o ks=` all the same).
 The section holds one scalar per (metric, k), e.g. "fvu@16", and the curve as a list; the figure
 draws FVU and CKNNA against L0.
@@ -48,7 +49,7 @@ def over_k(ctx: EvalContext) -> dict[str, Any]:
     if "ks" in ctx.options:
         ks = parse_ks(ctx.options["ks"], model.n_latents)
     elif hasattr(model, "nesting"):
-        ks = doubling_ks(model.n_latents)
+        ks = sorted(set(model.nesting()) | set(doubling_ks(model.n_latents)))
     else:
         raise Skip("not a nested-over-k family: give -o ks=16,32,... to read it at several k")
     rows = evaluate_over_k(model, ctx.x, ks)
