@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -105,19 +106,24 @@ def steps_of(folder: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def stopped_run(tmp_path):
-    """A run of 60 steps stopped (as if killed) right after its checkpoint at step 20."""
-    out = tmp_path / "run"
-    assert main(train_args(out, "--stop-after", "20")) == 0
-    return out
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Trained once: a run of 60 steps stopped (as if killed) right after its checkpoint at step 20,
+    and a finished run of 20 steps; tests take copies."""
+    root = tmp_path_factory.mktemp("trained")
+    assert main(train_args(root / "stopped", "--stop-after", "20")) == 0
+    assert main(train_args(root / "model", steps=20)) == 0
+    return root
 
 
 @pytest.fixture
-def saved_model(tmp_path):
-    out = tmp_path / "model"
-    assert main(train_args(out, steps=20)) == 0
-    return out
+def stopped_run(trained, tmp_path):
+    return Path(shutil.copytree(trained / "stopped", tmp_path / "run"))
+
+
+@pytest.fixture
+def saved_model(trained, tmp_path):
+    return Path(shutil.copytree(trained / "model", tmp_path / "model"))
 
 
 # ----- the edge: one line for every failure ------------------------------------------------------------
@@ -267,7 +273,9 @@ def _checkpoint_parts(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no-state", "state-not-json", "state-a-list", "shape", "nan"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "no-state", "state-not-json", "state-a-list", "shape", "adam-shape", "nan", "no-rng"]
+)
 def test_a_corrupt_checkpoint_on_resume_is_named(stopped_run, capsys, damage):
     checkpoint = stopped_run / "checkpoint.safetensors"
     tensors, metadata = _checkpoint_parts(stopped_run)
@@ -282,8 +290,12 @@ def test_a_corrupt_checkpoint_on_resume_is_named(stopped_run, capsys, damage):
             metadata = {"state": "[1, 2]"}
         elif damage == "shape":
             tensors["model.W_dec"] = tensors["model.W_dec"][:5].clone()
-        else:
+        elif damage == "adam-shape":
             tensors["optim.W_dec.exp_avg"] = tensors["optim.W_dec.exp_avg"][:5].clone()
+        elif damage == "nan":
+            tensors["model.W_enc"][0, 0] = float("nan")
+        else:
+            del tensors["trainer.rng"]
         save_file(tensors, str(checkpoint), metadata=metadata)
     before = listing(stopped_run)
     one_error(
@@ -439,6 +451,20 @@ def test_a_kill_after_a_log_line_and_before_the_first_checkpoint_leaves_no_dupli
     assert main(train_args(tmp_path / "full")) == 0
     assert (out / "weights.safetensors").read_bytes() == (tmp_path / "full" / "weights.safetensors").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_model_files_gets_its_final_model(tmp_path):
+    assert main(train_args(tmp_path / "full")) == 0
+    assert main(train_args(tmp_path / "at40", "--stop-after", "40")) == 0
+    killed = Path(shutil.copytree(tmp_path / "full", tmp_path / "killed"))
+    for name in ("weights.safetensors", "config.json"):  # the final checkpoint is written, the model not yet
+        shutil.copy(tmp_path / "at40" / name, killed / name)
+    assert json.loads((killed / "config.json").read_text())["step"] == 40
+    assert main(train_args(killed, "--resume")) == 0
+    assert listing(killed) == listing(tmp_path / "full")
+    inodes = {p.name: p.stat().st_ino for p in killed.iterdir()}
+    assert main(train_args(killed, "--resume")) == 0  # an up-to-date finished run is left alone: no file rewritten
+    assert {p.name: p.stat().st_ino for p in killed.iterdir()} == inodes
 
 
 def test_resume_drops_metric_lines_past_the_checkpoint_and_a_torn_line(stopped_run):

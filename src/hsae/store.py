@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from hsae.errors import HsaeError
+from hsae.errors import HsaeError, os_error
 from hsae.sources.hf import TokenRows
 from hsae.sources.stream import (
     DEFAULT_HELDOUT_EVERY,
@@ -127,14 +127,17 @@ def check_manifest(manifest: dict[str, Any], folder: Path) -> None:
             raise damaged(f"the hook entry {hook!r} has no name")
         if not _is_count(hook.get("d_in"), 1):
             raise damaged(f"hook {hook['name']!r} has width {hook.get('d_in')!r}, not a positive integer")
-        if not isinstance(hook.get("transformer_lens"), (str, type(None))):
-            raise damaged(f"hook {hook['name']!r} has a transformer_lens name that is not a string")
+        if "transformer_lens" not in hook or not isinstance(hook["transformer_lens"], (str, type(None))):
+            raise damaged(f"hook {hook['name']!r} has no transformer_lens name (a string, or null)")
     if len({h["name"] for h in hooks}) != len(hooks):
         raise damaged("a hook is listed twice")
-    if manifest.get("dtype") not in DTYPES:
+    if not isinstance(manifest.get("dtype"), str) or manifest["dtype"] not in DTYPES:
         raise damaged(f"dtype is {manifest.get('dtype')!r}, not one of {', '.join(DTYPES)}")
     if not isinstance(manifest.get("model"), dict):
         raise damaged("'model' does not describe the harvested model")
+    for key in ("corpus", "harvest"):
+        if key not in manifest:
+            raise damaged(f"it does not record the {key} settings")
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise damaged(f"'shards' is {shards!r}, not a list of shard files")
@@ -145,7 +148,10 @@ def check_manifest(manifest: dict[str, Any], folder: Path) -> None:
         if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard["file"]):
             raise damaged(f"the shard entry {shard!r} names no file")
         name = shard["file"]
-        target = (folder / name).resolve()
+        try:
+            target = (folder / name).resolve()
+        except (ValueError, OSError):  # a NUL byte, a loop of links
+            raise damaged(f"the shard name {name!r} is not a path") from None
         if target == root or not target.is_relative_to(root):
             raise HsaeError(
                 f"{where}: shard {name!r} is outside the store folder ({target}); a store reads only files inside "
@@ -316,9 +322,13 @@ class ActivationStore:
     def _verify(self, shard: ShardInfo) -> Path:
         file = self.path / shard.file
         if shard.index not in self._verified:
-            if not file.is_file():
-                raise HsaeError(f"store {self.path}: shard {shard.file} is missing")
-            if sha256_of(file) != shard.sha256:
+            try:
+                if not file.is_file():
+                    raise HsaeError(f"store {self.path}: shard {shard.file} is missing; harvest the store again")
+                checksum = sha256_of(file)
+            except OSError as err:  # unreadable, a name too long, ...
+                raise os_error(err, file, action="cannot read") from None
+            if checksum != shard.sha256:
                 raise HsaeError(
                     f"store {self.path}: shard {shard.file} is corrupted (its sha256 does not match the "
                     "manifest): harvest it again into a new folder"

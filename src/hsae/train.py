@@ -3,7 +3,8 @@ atomic checkpoints, exact resume, JSON-lines metrics, a live progress bar, and t
 parallelism.
 
 Files in the output folder:
-- config.json + weights.safetensors: the model as of the last checkpoint (usable at any time).
+- config.json + weights.safetensors: the model as of the last checkpoint (usable at any time;
+  config.json's "step" says which).
 - checkpoint.safetensors: model, Adam state, dead-latent counters and RNG state; its metadata holds
   the step and the run record. Written atomically, so a killed run resumes from the last one whole.
 - metrics.jsonl: one line per logged step.
@@ -48,6 +49,7 @@ from hsae.models.base import (
     check_state,
     init_b_dec_geometric_median,
     parameter_count,
+    read_config,
     standard_input_scale,
 )
 from hsae.models.codes import fire_counts, l0_per_row
@@ -63,7 +65,14 @@ RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, METRICS_FILE)
 # Training options a resumed run may change: they decide where the run runs and what it reports,
 # not what it computes. Every other option is refused on --resume when it differs.
 RUN_NEUTRAL_OPTIONS = ("checkpoint_every", "log_every", "device", "wandb_project")
-_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
+_FLAGS = {
+    "steps": "--steps",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "seed": "--seed",
+    "k": "--k",
+    "n_latents": "--n-latents",
+}
 # Bytes per parameter while training: the float32 weight, its gradient and Adam's two moments.
 TRAINING_BYTES_PER_PARAMETER = 16
 
@@ -221,9 +230,10 @@ def _check_resume_compatible(saved: dict[str, Any], sae_cfg: SAEConfig, source: 
         if key == "input_scale":
             continue
         if saved_sae.get(key) != value:
+            flag = _option_name(key)
             raise HsaeError(
-                f"--resume: {key} is {value!r} now but {saved_sae.get(key)!r} in the run being resumed; "
-                "resume with the same options (or train into a new --out)"
+                f"--resume: {flag} is {value!r} now but {saved_sae.get(key)!r} in the run being resumed; resume with "
+                f"{flag} {saved_sae.get(key)}, or train into a new --out"
             )
 
 
@@ -381,7 +391,22 @@ class Trainer:
         # Order matters for crash safety: the checkpoint first (resume reads it), then the model.
         write_safetensors(self.out / CHECKPOINT_FILE, tensors, metadata={"state": json.dumps(state)})
         self._checkpoint_step = step
-        model.save(self.out, record=self._record(model))
+        self._save_model(model, step)
+
+    def _save_model(self, model: SAE, step: int) -> None:
+        # config.json records the step of the checkpoint its weights are from ("step").
+        model.save(self.out, record={**self._record(model), "step": step})
+
+    def _model_files_behind(self, step: int) -> bool:
+        """Whether the model files are older than the checkpoint at `step` (a run killed between
+        writing its last checkpoint and its model files)."""
+        if not (self.out / CONFIG_FILE).is_file() or not (self.out / WEIGHTS_FILE).is_file():
+            return True
+        try:
+            saved = read_config(self.out).get("step")
+        except HsaeError:  # a damaged config.json: the checkpoint has what it should say
+            return True
+        return saved is not None and saved != step
 
     def _restore(self, model: SAE, opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         path = self.out / CHECKPOINT_FILE
@@ -452,7 +477,9 @@ class Trainer:
             start = 0
         cfg = self.cfg
         model.train()
-        if start >= cfg.steps:
+        if start >= cfg.steps:  # a finished run: its model files are brought up to its last checkpoint
+            if self.dist.is_main and self._model_files_behind(start):
+                self._save_model(model, start)
             return model.eval()
         if state is not None and self.dist.is_main:
             self._trim_metrics(start)
@@ -569,7 +596,10 @@ class Trainer:
         """Drop metric lines past the resumed step, so the file reads as one uninterrupted run."""
         path = self.out / METRICS_FILE
         if path.exists():
-            write_text(path, _trimmed_metrics(path.read_text(), step))
+            text = path.read_text(errors="replace")
+            kept = _trimmed_metrics(text, step)
+            if kept != text:  # (a file that needs no trimming is left alone: a `tail -f` keeps following it)
+                write_text(path, kept)
 
     def _metrics(self, step, step_fvu, out, dead, opt, tokens_per_s) -> dict[str, Any]:
         with torch.no_grad():

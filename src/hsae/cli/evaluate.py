@@ -23,6 +23,30 @@ def _check_tokens(tokens: int) -> None:
         raise HsaeError(f"--tokens must be a positive number of rows to evaluate on, got {tokens}")
 
 
+# The data record's fields evaluation reads, with the types hsae writes them with.
+_DATA_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "kind": str,
+    "path": str,
+    "split": str,
+    "heldout_every": int,
+    "max_norm_ratio": (int, float),
+    "hook": str,
+}
+
+
+def _data_record(record: dict, model_dir: Path) -> dict:
+    """The model's data record, its fields checked: a damaged one is named, not half used."""
+    saved = record.get("data") or {}
+    for key, kind in _DATA_FIELDS.items():
+        value = saved.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise HsaeError(
+                f"{model_dir}/config.json: the data record's {key} is {value!r}; the model folder is damaged (give "
+                "--data to evaluate on other data)"
+            )
+    return saved
+
+
 def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
     """The source to evaluate a model on, and whether it is held out of the model's training: by
     default the held-out split of the data it trained on (documents it never saw); with --data,
@@ -31,8 +55,7 @@ def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
     from hsae.models.base import read_config
     from hsae.sources import open_source
 
-    record = read_config(model_dir)
-    saved = record.get("data") or {}
+    saved = _data_record(read_config(model_dir), model_dir)
     # Held out are the documents a "train" split left out; a run that read every row (recorded with
     # split "all", or before splits existed) held nothing out.
     every = int(saved.get("heldout_every") or 0) if saved.get("split") == "train" else 0
@@ -48,7 +71,7 @@ def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
             split = "heldout" if every else "all"
             source = open_source(saved["path"], max_norm_ratio=ratio, hook=hook, split=split, heldout_every=every)
             return source, bool(every)
-        raise typer.BadParameter("give --data: the model's config does not name its training data")
+        raise HsaeError(f"{model_dir}: its config does not name the data it was trained on; give --data")
     if data != "synthetic" and saved.get("path") and Path(data).resolve() == Path(saved["path"]).resolve():
         split = "heldout" if every else "all"
         source = open_source(data, max_norm_ratio=ratio, hook=hook, split=split, heldout_every=every)
