@@ -3,9 +3,6 @@ command discovery)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 
 def quiet_transformers() -> None:
     """transformers' own weight-loading bars and notices would interleave with hsae's progress bars."""
@@ -15,26 +12,9 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-@contextmanager
-def harvest_bar(tokens: int, console=None) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar for harvesting; yields the `progress(done, total)` callback the store calls."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def harvest_bar(tokens: int, console=None):
+    """The harvest's progress bar (a context manager yielding the `progress(done, total)` callback
+    that `harvest_to_store` calls)."""
+    from hsae.progress import progress_bar
 
-    columns = (
-        TextColumn("harvest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("harvest", total=tokens)
-        yield lambda done, total: bar.update(task, completed=done)
+    return progress_bar("harvest", "tokens", total=tokens, console=console)

@@ -66,9 +66,9 @@ def run_examples(
     import hsae
     from hsae.interpret.examples import ExamplesConfig, build_examples, examples_identity, up_to_date
     from hsae.interpret.examples_db import examples_path
-    from hsae.interpret.progress import progress_bar
     from hsae.interpret.streams import open_stream
     from hsae.models.base import read_config
+    from hsae.progress import progress_bar
 
     config = ExamplesConfig(**settings).validate()
     sae = hsae.load(directory)

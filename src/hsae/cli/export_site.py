@@ -16,7 +16,7 @@ def export_site(
     out: Path = typer.Argument(..., help="The folder to write the site into (replaced if an earlier export)"),
 ) -> None:
     """Write the browser for one model as static HTML + JSON, for sharing."""
-    from hsae.interpret.progress import progress_bar
+    from hsae.progress import progress_bar
     from hsae.serve.export import export_site as run
 
     with progress_bar("export", "features") as progress:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hsae.models.codes import Codes, SparseCodes
+from hsae.models.codes import Codes, as_sparse
 
 
 @dataclass
@@ -79,20 +79,6 @@ _FIELDS = ("rows", "token_ids", "doc_ids", "positions", "offsets", "latents", "v
 
 def codes_to_csr(codes: Codes) -> tuple[Tensor, Tensor, Tensor]:
     """(offsets (n + 1,), latents (nnz,), values (nnz,)) of the active entries of `codes`, row by row."""
-    if isinstance(codes, SparseCodes):
-        if codes.offsets is None:
-            keep = codes.values != 0
-            counts = keep.sum(1)
-            latents, values = codes.indices[keep], codes.values[keep]
-        else:
-            keep = codes.values != 0
-            rows = codes.row_ids()[keep]
-            counts = torch.bincount(rows, minlength=codes.n_rows)
-            latents, values = codes.indices[keep], codes.values[keep]
-    else:
-        rows, latents = codes.nonzero(as_tuple=True)
-        values = codes[rows, latents]
-        counts = torch.bincount(rows, minlength=codes.shape[0])
-    offsets = torch.zeros(counts.numel() + 1, dtype=torch.long)
-    offsets[1:] = counts.cumsum(0).cpu()
-    return offsets, latents.long().cpu(), values.detach().float().cpu()
+    csr = as_sparse(codes).csr()
+    assert csr.offsets is not None
+    return csr.offsets.cpu(), csr.indices.long().cpu(), csr.values.detach().float().cpu()
