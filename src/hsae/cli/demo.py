@@ -9,6 +9,7 @@ finished.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -60,8 +61,12 @@ def demo(
         checkpoint_every=250,
         dead_window_tokens=min(1_000_000, steps * batch_size // 4),
     )
-    resume = (model_dir / "checkpoint.safetensors").exists()
-    Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
+    if _finished(model_dir, steps):
+        # A finished model is reused as it is (even one an older hsae trained with other settings).
+        typer.echo(f"      reusing the finished model in {model_dir}")
+    else:
+        resume = (model_dir / "checkpoint.safetensors").exists()
+        Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
 
     typer.echo(f"[3/6] evaluate on {eval_tokens} tokens -> {model_dir / 'eval'}")
     from hsae.cli.evaluate import run_eval
@@ -101,3 +106,17 @@ def save_forest(model_dir: Path, store, rows: int) -> None:
         return
     sae.set_hierarchy(extract_forest(sae, store.sample(rows)).parents)
     sae.save(model_dir, record={k: v for k, v in read_config(model_dir).items() if k != "sae"})
+
+
+def _finished(model_dir: Path, steps: int) -> bool:
+    """Whether model_dir holds a model trained for `steps` steps (its last metrics line says so)."""
+    from hsae.train import METRICS_FILE
+
+    metrics = model_dir / METRICS_FILE
+    if not (model_dir / "weights.safetensors").is_file() or not metrics.is_file():
+        return False
+    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+    try:
+        return bool(lines) and int(json.loads(lines[-1])["step"]) >= steps
+    except (ValueError, KeyError, TypeError):
+        return False
