@@ -155,7 +155,8 @@ def test_training_killed_at_a_write_resumes_bit_identical(tmp_path, train_refere
 def test_training_killed_at_a_random_moment_resumes_bit_identical(tmp_path, train_reference, case):
     delay = random.Random(SEED * 1000 + case).uniform(0, 3.0)
     out = tmp_path / "run"
-    run_child(train_args(out), tmp_path / "flag", 0, "-", delay=delay)
+    ended = run_child(train_args(out), tmp_path / "flag", 0, "-", delay=delay)
+    print(f"\ntraining, SIGKILL {delay:.2f} s after the start: {ended}")  # (`pytest -s` shows how many were killed)
     check_training(out, train_reference)
 
 
@@ -225,5 +226,6 @@ def test_harvest_killed_at_a_write_ends_with_the_same_store(tmp_path, harvest_re
 def test_harvest_killed_at_a_random_moment_ends_with_the_same_store(tmp_path, harvest_reference, corpus, case):
     delay = random.Random(SEED * 1000 + 500 + case).uniform(0, 5.0)
     out = tmp_path / "store"
-    run_child(harvest_args(out, corpus), tmp_path / "flag", 0, "-", delay=delay)
+    ended = run_child(harvest_args(out, corpus), tmp_path / "flag", 0, "-", delay=delay)
+    print(f"\nharvest, SIGKILL {delay:.2f} s after the start: {ended}")
     check_harvest(out, harvest_reference, corpus)
