@@ -28,3 +28,22 @@ def test_bad_types_are_reported():
     with pytest.raises(HsaeError, match="KEY=VALUE"):
         parse_overrides(["aux_coef"])
     assert parse_overrides(["aux-coef=1", "x = y"]) == {"aux_coef": "1", "x": "y"}
+
+
+def test_family_options_out_of_range_are_refused():
+    from hsae.config import from_dict
+    from hsae.errors import HsaeError
+    from hsae.models import get_family
+    from hsae.sources.synthetic import SyntheticConfig
+
+    base = {"d_in": 8, "n_latents": 32, "k": 4}
+    for arch, option, message in [
+        ("topk", {"aux_k": -5}, "aux_k must be positive"),
+        ("batchtopk", {"threshold_momentum": -0.1}, "threshold_momentum"),
+        ("relu", {"decoder_init_norm": 0}, "decoder_init_norm"),
+        ("jumprelu", {"l0_controller_rate": -1}, "l0_controller_rate"),
+    ]:
+        with pytest.raises(HsaeError, match=message):
+            from_dict(get_family(arch).config_class, {"arch": arch, **base, **option})
+    with pytest.raises(HsaeError, match="noise_std"):
+        from_dict(SyntheticConfig, {"noise_std": -1})

@@ -104,6 +104,8 @@ def evaluate(
     """Every registered evaluator (or those in `only`) on up to `tokens` rows of `source`. `heldout`
     says whether those rows were left out of training (default: the source's split says, and a
     synthetic source's evaluation sample is held out by construction); the core section reports it."""
+    if tokens <= 0:
+        raise HsaeError(f"--tokens must be positive, got {tokens}")
     if model.d_in != source.d_in:
         raise HsaeError(
             f"the model was trained on width {model.d_in} but the data has width {source.d_in}; "

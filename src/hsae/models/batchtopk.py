@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from hsae.errors import HsaeError
 from hsae.models.codes import Codes, SparseCodes
 from hsae.models.registry import register
 from hsae.models.sparse.selection import TopKSelection, batch_topk_select
@@ -34,6 +35,11 @@ from hsae.models.topk import TopKConfig, TopKSAE, topk_codes
 @dataclass
 class BatchTopKConfig(TopKConfig):
     threshold_momentum: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.threshold_momentum <= 1:
+            raise HsaeError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
 
 
 def batch_topk_codes(pre: Tensor, k: int) -> SparseCodes:

@@ -35,6 +35,8 @@ class PenaltyConfig(SAEConfig):
             raise HsaeError("sparsity_coef must be a finite number >= 0")
         if not 0 <= self.sparsity_warmup_fraction <= 1:
             raise HsaeError("sparsity_warmup_fraction must be in [0, 1]")
+        if self.l0_controller_rate < 0:
+            raise HsaeError(f"l0_controller_rate must be >= 0, got {self.l0_controller_rate}")
 
 
 PC = TypeVar("PC", bound=PenaltyConfig)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hsae.errors import HsaeError
 from hsae.models.codes import Codes
 from hsae.models.penalty import PenaltyConfig, PenaltySAE
 from hsae.models.registry import register
@@ -22,6 +23,11 @@ from hsae.models.registry import register
 class ReLUConfig(PenaltyConfig):
     sparsity_coef: float = 5.0
     decoder_init_norm: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.decoder_init_norm > 0:
+            raise HsaeError(f"decoder_init_norm must be positive, got {self.decoder_init_norm}")
 
 
 @register("relu")

@@ -55,6 +55,8 @@ class TopKConfig(SAEConfig):
         super().validate()
         if self.aux_coef < 0:
             raise HsaeError("aux_coef must be >= 0")
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise HsaeError(f"aux_k must be positive (or none: d_in // 2), got {self.aux_k}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise HsaeError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.compute_dtype != "float32" and self.arch != "topk":

@@ -69,6 +69,8 @@ class SyntheticConfig:
             raise HsaeError("synthetic: parent_cos must be in (-1, 1)")
         if not 0 <= self.mag_low <= self.mag_high:
             raise HsaeError("synthetic: need 0 <= mag_low <= mag_high")
+        if self.noise_std < 0:
+            raise HsaeError(f"synthetic: noise_std must be >= 0, got {self.noise_std}")
         if not isinstance(self.exclusive_roots, bool):
             raise HsaeError(f"synthetic: exclusive_roots must be true or false, got {self.exclusive_roots!r}")
         if self.exclusive_roots and self.n_roots * self.p_root > 1 + 1e-9:
