@@ -108,3 +108,16 @@ def test_hub_names_parse():
     )
     assert str(ref) == "hf://google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71@refs/pr/1"
     assert not formats.is_hub_name("runs/topk")
+
+
+def test_eval_info_and_compare_take_hub_names_of_hsae_models(hub_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "hf://someone/hsae-topk"]) == 0
+    assert "arch" in capsys.readouterr().out
+    args = ["--data", "synthetic", "--synthetic", "d_in=8", "--tokens", "256", "-m", "core"]
+    assert main(["eval", "hf://someone/hsae-topk", *args]) == 0
+    assert (tmp_path / "eval-someone-hsae-topk" / "report.json").is_file()  # not into the hub cache
+    compare = ["compare", "hf://someone/hsae-topk", "hf://someone/hsae-topk", "--out", str(tmp_path / "c")]
+    assert main([*compare, *args]) == 0
+    assert main(["info", "hf://someone/gpt2-saes/blocks.0.hook_resid_pre"]) == 2
+    assert "hsae import hf://someone/gpt2-saes" in capsys.readouterr().err

@@ -82,17 +82,23 @@ def _open_for(model_dir: Path, data: str | None, synthetic: list[str]):
 
 @app.command("eval")
 def eval_command(
-    model_dir: Path = typer.Argument(..., help="A model folder"),
+    model: str = typer.Argument(..., help="A model folder, or hf://owner/repo[/folder][@revision] of one"),
     data: str | None = typer.Option(None, help="Activations to evaluate on (default: the training data)"),
     tokens: int = typer.Option(65536, help="Tokens to evaluate"),
-    out: Path | None = typer.Option(None, help="Report folder (default MODEL_DIR/eval)"),
+    out: Path | None = typer.Option(
+        None, help="Report folder (default MODEL/eval; for a hub model ./eval-<repo name>)"
+    ),
     metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
     """Evaluate a model: prints a table, writes report.json and a self-contained report.html."""
+    from hsae.cli._common import model_folder
     from hsae.config import parse_overrides
 
+    model_dir, from_hub = model_folder(model)
+    if from_hub and out is None:  # never write into the hub cache
+        out = Path(f"eval-{model.removeprefix('hf://').split('@')[0].replace('/', '-')}")
     run_eval(
         model_dir,
         data=data,
@@ -142,7 +148,7 @@ def run_eval(
 
 @app.command()
 def compare(
-    model_dirs: list[Path] = typer.Argument(..., help="Model folders"),
+    models: list[str] = typer.Argument(..., help="Model folders (or hf:// names of hsae models)"),
     data: str | None = typer.Option(None, help="Activations to evaluate all of them on"),
     tokens: int = typer.Option(65536, help="Tokens to evaluate"),
     out: Path = typer.Option(Path("compare"), help="Report folder"),
@@ -152,11 +158,13 @@ def compare(
 ) -> None:
     """Several models side by side, with an FVU-against-L0 frontier plot."""
     import hsae
+    from hsae.cli._common import model_folder
     from hsae.config import parse_overrides
     from hsae.eval import plots
     from hsae.eval.report import Report
     from hsae.eval.run import evaluate
 
+    model_dirs = [model_folder(spec)[0] for spec in models]
     # Every folder is checked before the first evaluation starts.
     _check_tokens(tokens)
     models = [(model_dir, hsae.load(model_dir), *_open_for(model_dir, data, synthetic)) for model_dir in model_dirs]

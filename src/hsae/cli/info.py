@@ -54,8 +54,13 @@ def _readable(value) -> str:
 
 
 @app.command()
-def info(directory: Path = typer.Argument(..., help="A model folder written by `hsae train`")) -> None:
+def info(
+    model: str = typer.Argument(..., help="A model folder written by `hsae train`, or hf://owner/repo/... of one"),
+) -> None:
     """Print a model's config and the metrics of its last training step."""
+    from hsae.cli._common import model_folder
+
+    directory, _ = model_folder(model)
     record = read_config(directory)
     console = Console()
     for section in ("sae", "train", "data"):
