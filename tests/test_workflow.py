@@ -209,3 +209,15 @@ def test_compare_keeps_names_whole_reports_skips_once_and_takes_metrics(tmp_path
     assert "hierarchy." not in printed  # -m left it out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()  # the missing folder is found before any evaluation
+
+
+def test_eval_and_compare_read_a_model_at_many_k(tmp_path):
+    out = tmp_path / "m"
+    assert main(["train", "--arch", "topk", "--data", "synthetic", "--n-latents", "32", "--k", "4", "--steps", "5",
+                 "--batch-size", "64", "-q", "--out", str(out)]) == 0  # fmt: skip
+    assert main(["eval", str(out), "--tokens", "512", "--k", "2,4,8", "-m", "core", "-m", "over_k"]) == 0
+    over_k = json.loads((out / "eval" / "report.json").read_text())["sections"]["over_k"]
+    assert over_k["ks"] == [2, 4, 8] and [row["k"] for row in over_k["curve"]] == [2, 4, 8]
+    compare = ["compare", str(out), str(out), "--tokens", "256", "--k", "2,4", "-m", "core", "-m", "over_k"]
+    assert main([*compare, "--out", str(tmp_path / "c")]) == 0
+    assert "one model at many k" in (tmp_path / "c" / "report.html").read_text()

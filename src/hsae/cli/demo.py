@@ -27,8 +27,17 @@ def demo(
     steps: int = typer.Option(1500, help="Training steps"),
     batch_size: int = typer.Option(2048, "--batch-size", help="Tokens per step"),
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Tokens to evaluate on"),
+    vision: bool = typer.Option(
+        False, "--vision", help="The main job on images: EfficientNet-Lite0 on TuxPaint stamps, MSAE, eval over k, "
+        "concept names (into runs/demo-vision unless --out says)",
+    ),  # fmt: skip
 ) -> None:
     """Harvest MiniLM + WordNet, train an SAE, evaluate it, store its forest, find examples, label (resumable)."""
+    if vision:
+        from hsae.cli.demo_vision import run_vision_demo
+
+        run_vision_demo(Path("runs/demo-vision") if out == Path("runs/demo") else out)
+        return
     from hsae.cli._common import harvest_bar, quiet_transformers
     from hsae.config import TrainConfig, from_dict
     from hsae.models import get_family

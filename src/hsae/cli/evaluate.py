@@ -90,6 +90,9 @@ def eval_command(
     ),
     metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
+    k: str | None = typer.Option(
+        None, "--k", help="Also read the model at these k (e.g. 16,32,64): the over_k section's FVU/CKNNA curve"
+    ),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
     """Evaluate a model: prints a table, writes report.json and a self-contained report.html."""
@@ -106,7 +109,7 @@ def eval_command(
         out=out,
         metrics=metric,
         synthetic=synthetic,
-        options=parse_overrides(option),
+        options={**parse_overrides(option), **({"ks": k} if k else {})},
     )
 
 
@@ -154,13 +157,18 @@ def compare(
     out: Path = typer.Option(Path("compare"), help="Report folder"),
     metric: list[str] = typer.Option([], "--metric", "-m", help="Only these sections (repeatable)"),
     synthetic: list[str] = typer.Option([], "--synthetic", help="KEY=VALUE for --data synthetic"),
+    k: str | None = typer.Option(
+        None, "--k", help="Also read every model at these k (e.g. 16,32,64) and draw the curves"
+    ),
     option: list[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
 ) -> None:
-    """Several models side by side, with an FVU-against-L0 frontier plot."""
+    """Several models side by side, with an FVU-against-L0 frontier plot (and, with --k or nested-over-k
+    models, FVU and CKNNA against L0 for each model read at many k)."""
     import hsae
     from hsae.cli._common import model_folder
     from hsae.config import parse_overrides
     from hsae.eval import plots
+    from hsae.eval.over_k_evaluator import curve_figure
     from hsae.eval.report import Report
     from hsae.eval.run import evaluate
 
@@ -176,7 +184,7 @@ def compare(
             model_dir=model_dir,
             tokens=tokens,
             only=metric or None,
-            options=parse_overrides(option),
+            options={**parse_overrides(option), **({"ks": k} if k else {})},
             heldout=heldout,
         )
         reports.append((model_dir, report))
@@ -202,6 +210,14 @@ def compare(
         )
     if points:
         combined.figures.append(("FVU against L0, with the Pareto frontier", plots.frontier(points)))
+    curves = {
+        f"{d.name} ({r.info['arch']})": s.metrics["curve"]
+        for d, r in reports
+        for s in r.sections
+        if s.name == "over_k" and not s.skipped
+    }
+    if curves:
+        combined.figures.append(("FVU and CKNNA against L0, one model at many k", curve_figure(curves)))
     table = Table(title="comparison")
     table.add_column("metric", no_wrap=True)  # a metric name is never cut
     for name in names:

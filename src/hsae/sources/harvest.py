@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hsae.atomic import check_writable, remove_stale_temps, write_json, write_safetensors
 from hsae.errors import HsaeError
-from hsae.sources.hf import Harvester, TokenRows, attention_heads, transformer_lens_name
+from hsae.sources.hf import HarvestBatch, RowPlace, TokenRows, attention_heads, transformer_lens_name
 from hsae.sources.text import describe_corpus
 from hsae.store import (
     DEFAULT_SHARD_ROWS,
@@ -34,6 +34,21 @@ from hsae.store import (
     sha256_of,
     shard_name,
 )
+
+
+class RowHarvester(Protocol):
+    """What `harvest_to_store` reads rows from: the text Harvester (hsae.sources.hf) or the image
+    one (hsae.sources.vision). Its batches depend only on where they start, so a harvest resumes."""
+
+    loaded: Any  # .describe() for the manifest; .model.config for attention-head layouts
+    hooked: Any  # .widths(): hook -> activation width
+
+    @property
+    def hooks(self) -> list[str]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def batches(self, documents: Any, start: RowPlace = (0, 0)) -> Iterator[HarvestBatch]: ...
 
 
 def check_store_folder(out: Path) -> dict[str, Any] | None:
@@ -55,7 +70,7 @@ SETTINGS = ("model", "hooks", "dtype", "corpus", "harvest", "shard_rows", "targe
 
 def harvest_to_store(
     out: str | Path,
-    harvester: Harvester,
+    harvester: RowHarvester,
     corpus: Any,  # hsae.sources.text.Corpus or any re-iterable of strings
     *,
     tokens: int,

@@ -5,6 +5,7 @@
 - cpu_select.py: the CPU top-k and candidate filter compiled with numba
 - topk_step.py: the fused TopK step (decoder, losses and all gradients in one autograd function)
 - prefix_step.py: the fused Matryoshka step (nested-prefix losses)
+- nested_k_step.py: the fused MSAE step (one top-K selection serves every nested k)
 - steps.py: `FusedTopKStep`, what a family declares as its `train_step`
 
 This package imports nothing from hsae.models at import time except base.py (steps.py), so base.py
