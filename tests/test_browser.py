@@ -1,6 +1,7 @@
 """End to end: `hsae serve` in a subprocess, the page driven in headless Chromium (Debian's, through
 Playwright; no browser is ever downloaded): expand a root, open a child, see its highlighted contexts,
-search a label, open a shared link; corpus markup renders as text."""
+search a label, open a shared link; corpus markup renders as text; an image model's feature shows its
+top images with the heatmap drawn over the padded picture, served and from a static export."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 import hsae
 from interpret_fixtures import XSS, XSS_IMG, gpt2_model, minilm_model
+from test_serve_images_fixtures import image_model, image_model_with_examples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -43,6 +45,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(command: list[str], ready: str):
+    """Start a server process on a free port; (its base URL, the process) once `ready` answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [arg.replace("{port}", str(port)) for arg in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{base}{ready}", timeout=1)
+            return base, process
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read().decode()) from None
+            time.sleep(0.25)
+    process.terminate()
+    raise RuntimeError(f"{command[:4]} did not answer {ready} within 30 s")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
@@ -54,22 +75,9 @@ def server(tmp_path_factory):
     sae.set_hierarchy(parents)
     record = json.loads((model / "config.json").read_text())
     sae.save(model, record={k: v for k, v in record.items() if k != "sae"})
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hsae", "serve", str(model), str(gpt2_model()), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-m", "hsae", "serve", str(model), str(gpt2_model()), "--port", "{port}"]
+    base, process = start(serve, "/api/models")
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/api/models", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise RuntimeError(process.stdout.read().decode()) from None
-                time.sleep(0.25)
         yield base
     finally:
         process.terminate()
@@ -141,3 +149,90 @@ def test_the_steering_box_runs_the_model(server, browser):
     page.wait_for_selector("[data-testid=steer-result] table")
     rows = page.locator("[data-testid=steer-result] tr")
     assert [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())] == ["without", "with"]
+
+
+# --- image models -----------------------------------------------------------------------------
+
+DRAWN = "n => document.querySelectorAll('[data-testid=image-canvas][data-drawn]').length === n"
+PIXEL = (
+    "([x, y]) => Array.from(document.querySelector('[data-testid=image-canvas]')"
+    ".getContext('2d').getImageData(x, y, 1, 1).data)"
+)
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    _, model = image_model()
+    _, with_examples = image_model_with_examples()
+    serve = [sys.executable, "-m", "hsae", "serve", str(model), str(with_examples), "--port", "{port}"]
+    base, process = start(serve, "/api/models")
+    try:
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def hot_latent(base: str) -> tuple[int, dict]:
+    """A concept whose first top image has a heatmap with cells on and off, and its images section."""
+    for latent in range(24):
+        images = json.load(urllib.request.urlopen(f"{base}/api/features/{latent}"))["images"]
+        first = images["items"][0]["heatmap"] if images["items"] else None
+        if images["concept"] and first and max(first) > 0 and min(first) == 0:
+            return latent, images
+    raise AssertionError("no named concept with a partly active heatmap in the tiny image model")
+
+
+def cell_centre(cell: int, side: int, grid: int = 4) -> list[int]:
+    return [int((cell % grid + 0.5) * side / grid), int((cell // grid + 0.5) * side / grid)]
+
+
+def test_an_image_feature_shows_its_top_images_with_the_heatmap_drawn(image_server, browser):
+    latent, images = hot_latent(image_server)
+    heatmap = images["items"][0]["heatmap"]
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(f"{image_server}/features/{latent}?model=sae")
+    page.wait_for_function(DRAWN, arg=len(images["items"]))
+    assert page.locator("[data-drawn=heatmap]").count() == sum(1 for i in images["items"] if i["heatmap"])
+    assert "concept" in page.inner_text("#content") and "class" in page.inner_text("#content")
+    assert page.locator("[data-testid=steer]").count() == 0  # steering reads text
+    side = page.evaluate("document.querySelector('[data-testid=image-canvas]').width")
+    peak = max(v for item in images["items"] for v in item["heatmap"] or [0])
+    cells = (heatmap.index(max(heatmap)), heatmap.index(0))  # the image's hottest cell, and one where it is off
+    with_heat = [page.evaluate(PIXEL, cell_centre(c, side)) for c in cells]
+    page.uncheck("[data-testid=heatmap-toggle]")
+    page.wait_for_selector("[data-testid=image-canvas][data-drawn=picture]")
+    plain = [page.evaluate(PIXEL, cell_centre(c, side)) for c in cells]
+    # at a cell's centre the overlay is that cell's colour on the ramp, alpha-blended over the picture
+    for cell, shown, under in zip(cells, with_heat, plain, strict=True):
+        *colour, alpha = page.evaluate("([v, p]) => heatColour(v, p)", [heatmap[cell], peak])
+        expected = [round(u * (1 - alpha) + c * alpha) for u, c in zip(under[:3], colour, strict=True)]
+        assert shown[:3] == pytest.approx(expected, abs=3) and shown != under, (cell, shown, under)
+    assert page.evaluate("([v, p]) => heatColour(v, p)", [peak, peak])[:3] == [170, 0, 0]  # red at the peak
+    assert page.evaluate("([v, p]) => heatColour(v, p)", [0, peak])[:3] == [0, 0, 140]  # dark blue where off
+    # the picture (40 x 24) drawn as the model saw it: centred on a white square
+    assert page.evaluate(PIXEL, [side // 2, 4]) == [255, 255, 255, 255]
+    assert page.evaluate(PIXEL, [side // 2, side // 2]) != [255, 255, 255, 255]
+    page.goto(f"{image_server}/features/{latent}?model=sae-examples")  # no concepts.json: the examples file
+    page.wait_for_selector("[data-testid=image-canvas][data-drawn=heatmap]")
+    assert "from the examples file" in page.inner_text("#content")
+    assert errors == []
+
+
+def test_a_static_export_shows_the_images_too(image_server, browser, tmp_path):
+    from hsae.serve.export import export_site
+
+    latent, images = hot_latent(image_server)
+    site = export_site(image_model()[1], tmp_path / "site")
+    base, process = start([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "-d", str(site), "{port}"], "/")
+    try:
+        page = browser.new_page()
+        page.goto(f"{base}/#/features/{latent}?model=sae")
+        page.wait_for_function(DRAWN, arg=len(images["items"]))
+        assert page.locator("[data-drawn=missing]").count() == 0  # every picture it shows was exported
+        assert page.locator("[data-drawn=heatmap]").count() == sum(1 for i in images["items"] if i["heatmap"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

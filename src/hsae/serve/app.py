@@ -7,13 +7,15 @@ JSON API (every route takes `?model=KEY`, default the first model):
     GET /api/features/{i}             one feature: label, stats, histogram, contexts, family, neighbours, ...
     GET /api/search?q=...             features by id, by label, or by a token they fire on
     GET /api/steer?feature=&scale=&text=   what adding the feature at the hook does (computed, nothing stored)
+    GET /api/images/{id}              an image model's picture `id` of its store's images.json, as PNG
 Pages: `/` and `/features/{i}` (a link of its own for every feature) serve the one page shipped in
 `static/`; `/report` serves the model's eval report.
 
 Only GET routes; no parameter names a file (models are addressed by key, static files by StaticFiles,
-which refuses paths outside its folder). Corpus text reaches the page only as JSON and is set as text
+which refuses paths outside its folder; pictures by their id in images.json, read only from the files
+it lists, inside their collection: hsae.serve.images). Corpus text reaches the page only as JSON and is set as text
 by the page; a Content-Security-Policy allowing only the page's own script backs that up. A feature id
-out of range is a 404 with a message.
+out of range is a 404 with a message, and so is an image id the store does not list.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 
 from hsae.errors import HsaeError
 from hsae.serve.data import FeatureNotFound, ModelView
+from hsae.serve.images import ImageNotFound
 
 STATIC = Path(__file__).parent / "static"
 PAGE_POLICY = (
@@ -70,7 +73,8 @@ def create_app(directories: Sequence[str | Path]) -> FastAPI:
         return response
 
     @app.exception_handler(FeatureNotFound)
-    async def not_found(request: Request, err: FeatureNotFound):
+    @app.exception_handler(ImageNotFound)
+    async def not_found(request: Request, err: LookupError):
         return JSONResponse({"detail": str(err)}, status_code=404)
 
     @app.exception_handler(HsaeError)
@@ -116,6 +120,15 @@ def create_app(directories: Sequence[str | Path]) -> FastAPI:
         if not math.isfinite(scale) or abs(scale) > 1e4:
             raise HTTPException(400, "scale must be a finite number of at most 1e4 in size")
         return view(model).steer(feature, scale, text)
+
+    @app.get("/api/images/{image}")
+    def image(image: int, model: str | None = None) -> Response:
+        v = view(model)
+        if v.images is None:
+            why = v.images_problem or "it was not trained on an image store"
+            raise HTTPException(404, f"model {v.key} has no images to show: {why}")
+        # an image's bytes do not change while its store stays; an hour keeps the page quick
+        return Response(v.images.png(image), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/report")
     def report(model: str | None = None) -> Response:

@@ -2,7 +2,8 @@
 export.
 
 Loaded once: the SAE (its forest, decoder directions), the examples file if there is one, the labels,
-the scores and the eval report. Lists of features are held as arrays (16k+ latents are cheap), children
+the scores and the eval report; for a model trained on an image store, that store's images and the
+model's concepts.json (hsae.serve.images). Lists of features are held as arrays (16k+ latents are cheap), children
 sorted with the families first and then by firing density, so the page pages through them.
 """
 
@@ -21,6 +22,7 @@ from hsae.interpret.neighbours import DecoderNeighbours
 from hsae.interpret.scores import read_scores
 from hsae.interpret.steering import Steerer
 from hsae.interpret.tokens import normalise
+from hsae.serve.images import StoreImages, image_store_of, read_concepts
 
 
 class FeatureNotFound(LookupError):
@@ -40,8 +42,17 @@ class ModelView:
         path = examples_path(self.directory)
         self.db = ExamplesDB(path) if path.is_file() else None
         self.density = self.db.densities() if self.db is not None else np.zeros(self.n_latents)
+        self.images: StoreImages | None
+        self.images, self.images_problem = image_store_of(self.record)
+        concepts = read_concepts(self.directory)
+        self.concepts = {int(e["latent"]): e for e in concepts["concepts"]} if concepts else {}
+        self.concepts_meta = (
+            {k: concepts.get(k) for k in ("source", "threshold", "named", "firing")} if concepts else None
+        )
         self.labels_data = read_labels(self.directory)
-        self.labels = best_labels(self.labels_data)
+        # an image feature without a label is known by its concept's name (the forest, search)
+        named = {j: e["name"] for j, e in self.concepts.items() if e.get("name")}
+        self.labels = {**named, **best_labels(self.labels_data)}
         self.scores_data = read_scores(self.directory)
         embedding = (self.scores_data["scorers"].get("embedding") or {}).get("features") or {}
         self.scores = {int(k): v.get("auroc") for k, v in embedding.items()}
@@ -81,7 +92,12 @@ class ModelView:
         }
 
     def missing_examples(self) -> str | None:
-        return None if self.db is not None else f"hsae examples {self.directory}"
+        """The command that gives this model's pages their examples, while it has none."""
+        if self.db is not None or self.concepts:
+            return None
+        if self.images is not None:
+            return f"hsae concepts {self.directory} --data {self.images.store}"
+        return f"hsae examples {self.directory}"
 
     def model(self) -> dict[str, Any]:
         data = self.record.get("data") or {}
@@ -92,8 +108,8 @@ class ModelView:
             "arch": self.sae.arch,
             "n_latents": self.n_latents,
             "d_in": int(self.sae.d_in),
-            "model": (data.get("model") or {}).get("name"),
-            "hook": data.get("hook"),
+            "model": (data.get("model") or {}).get("name") or (self.images.model_name if self.images else None),
+            "hook": data.get("hook") or (self.images.hook if self.images else None),
             "corpus": (data.get("corpus") or {}).get("name") or (data.get("corpus") or {}).get("kind"),
             "roots": int(len(self.children.get(-1, ()))),
             "edges": int((self.parents >= 0).sum()),
@@ -106,6 +122,9 @@ class ModelView:
             "report": self.report,
             "has_report_html": self.report_html.is_file(),
             "density_histogram": self.density_histogram(),
+            "images": self.images.describe() if self.images is not None else None,
+            "images_problem": self.images_problem,
+            "concepts": self.concepts_meta,
         }
 
     def density_histogram(self, low: float = -7.0, step: float = 0.25, bins: int = 28) -> dict[str, Any] | None:
@@ -152,6 +171,7 @@ class ModelView:
             for name, section in self.scores_data["scorers"].items()
         }
         out["missing_examples"] = self.missing_examples()
+        out["images"] = self.feature_images(latent)
         if self.db is None:
             return out
         stats = self.db.feature(latent) or {}
@@ -172,6 +192,31 @@ class ModelView:
         grouped["quantile"].sort(key=lambda e: (-(e["quantile"] or 0), -abs(e["value"])))
         out["examples"] = grouped
         return out
+
+    def feature_images(self, latent: int) -> dict[str, Any] | None:
+        """An image model's top images for the feature (concepts.json's, else the examples file's),
+        with the layout the page draws their heatmaps in; None for a text model."""
+        if self.images is None and not self.images_problem:
+            return None
+        entry = self.concepts.get(latent)
+        concept = None
+        if entry is not None:
+            concept = {k: entry.get(k) for k in ("name", "score", "best", "word", "word_score", "label", "label_score")}
+            concept["source"] = (self.concepts_meta or {}).get("source")
+        items: list[dict[str, Any]] = []
+        source = None
+        if self.images is not None and entry is not None:
+            items, source = self.images.from_concept(entry), "concepts"
+        elif self.images is not None and self.db is not None:
+            items, source = self.images.from_examples(self.db.examples(latent, "top")), "examples"
+        return {
+            "source": source,
+            "grid": self.images.grid if self.images else None,
+            "pad_square": self.images.pad_square if self.images else False,
+            "concept": concept,
+            "items": items,
+            "problem": self.images_problem,
+        }
 
     def _ancestors(self, latent: int) -> list[int]:
         chain, seen = [], {latent}

@@ -6,6 +6,7 @@
     OUT/data/models.json
     OUT/data/KEY/model.json, children/P.json (all children of P, -1 for the roots),
                  features/I.json, search.json (every feature's summary and the token index)
+    OUT/images/KEY/ID.png     an image model's pictures: only those some feature shows (its top images)
 
 The site is built in a temporary folder beside OUT and renamed into place; an OUT that is not an
 earlier export is never overwritten.
@@ -16,12 +17,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from hsae.errors import HsaeError
+from hsae.errors import HsaeError, HsaeWarning
 from hsae.serve.app import STATIC, model_keys
 from hsae.serve.data import ModelView
+from hsae.serve.images import ImageNotFound
 
 MARKER = ".hsae-site"
 
@@ -36,6 +39,19 @@ def static_page() -> str:
     if '<base href="/">' not in page:
         raise HsaeError(f'{STATIC / "index.html"} has no <base href="/">: the package is damaged, reinstall hsae')
     return page.replace('<base href="/">', '<base href="./">\n<meta name="hsae-static" content="1">')
+
+
+def _write_images(view: ModelView, ids: set[int], folder: Path) -> None:
+    """The pictures `ids` as PNGs; one that cannot be read is named in a warning (its card shows
+    that the picture is missing) and the export goes on."""
+    if view.images is None or not ids:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in sorted(ids):
+        try:
+            (folder / f"{image}.png").write_bytes(view.images.png(image))
+        except ImageNotFound as err:
+            warnings.warn(f"export-site: picture left out: {err}", HsaeWarning, stacklevel=2)
 
 
 def export_site(directory: str | Path, out: str | Path, progress: Callable[[int, int], None] | None = None) -> Path:
@@ -61,10 +77,14 @@ def export_site(directory: str | Path, out: str | Path, progress: Callable[[int,
         _write(data / key / "model.json", view.model())
         for parent, ids in view.children.items():
             _write(data / key / "children" / f"{parent}.json", [view.summary(int(i)) for i in ids])
+        shown: set[int] = set()
         for i in range(view.n_latents):
-            _write(data / key / "features" / f"{i}.json", view.feature(i))
+            feature = view.feature(i)
+            _write(data / key / "features" / f"{i}.json", feature)
+            shown.update(item["id"] for item in (feature.get("images") or {}).get("items", []))
             if progress is not None and (i % 256 == 0 or i == view.n_latents - 1):
                 progress(i + 1, view.n_latents)
+        _write_images(view, shown, build / "images" / key)
         tokens = view.db.token_index() if view.db is not None else {}
         _write(
             data / key / "search.json",

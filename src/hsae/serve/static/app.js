@@ -88,6 +88,7 @@ const data = STATIC_SITE
         return { query: q, total: found.size, items };
       },
       steer: null,
+      imageSrc: (key, id) => `images/${enc(key)}/${Number(id)}.png`,
     }
   : {
       models: () => getJSON("api/models"),
@@ -98,6 +99,7 @@ const data = STATIC_SITE
       search: (key, q) => getJSON(`api/search?q=${enc(q)}&model=${enc(key)}`),
       steer: (key, id, scale, text) =>
         getJSON(`api/steer?feature=${id}&scale=${enc(scale)}&text=${enc(text)}&model=${enc(key)}`),
+      imageSrc: (key, id) => `api/images/${Number(id)}?model=${enc(key)}`,
     };
 
 // ---- routing: /features/ID?model=KEY (server) or #/features/ID?model=KEY (static) ----------------
@@ -149,7 +151,9 @@ function link(summary, attrs) {
 }
 
 function badges(summary) {
-  const parts = [pct(summary.density)];
+  // an image model named by concepts.json alone has no examples pass, so no densities to show
+  const densities = !(state.model && state.model.images && !state.model.examples);
+  const parts = densities ? [pct(summary.density)] : [];
   if (summary.score !== null && summary.score !== undefined) parts.push(`AUROC ${num(summary.score, 2)}`);
   if (summary.children) parts.push(`${summary.children} children`);
   return el("span", { class: "badge", text: parts.join(" · ") });
@@ -308,6 +312,139 @@ function contextList(examples, peakAbs, testid) {
   return box;
 }
 
+// ---- images (image models): top images with the feature's heatmap over the patch grid ------------
+
+const CARD = 168; // CSS pixels of a card's square canvas
+
+// A heatmap's colour ramp (jet-like, as CAM overlays are drawn): dark blue where the feature is off,
+// through cyan and yellow, to red at the feature's peak over its shown images.
+const RAMP = [[0, 0, 140], [0, 90, 255], [0, 230, 230], [255, 230, 0], [255, 60, 0], [170, 0, 0]];
+const HEAT_ALPHA = 0.5;
+
+function heatColour(value, peak) {
+  // null: no example window reached the cell, left clear
+  if (value === null) return [0, 0, 0, 0];
+  const t = Math.min(1, Math.max(0, value) / (peak || 1)) * (RAMP.length - 1);
+  const i = Math.min(RAMP.length - 2, Math.floor(t)), f = t - i;
+  const [a, b] = [RAMP[i], RAMP[i + 1]];
+  return [0, 1, 2].map((c) => Math.round(a[c] + (b[c] - a[c]) * f)).concat([HEAT_ALPHA]);
+}
+
+function pictureBox(picture, size, padSquare) {
+  // Where the picture lies in the square canvas and the rectangle the grid covers. With pad_square
+  // the model saw the picture centred on a white square (hsae.sources.images.pad_to_square): the
+  // grid covers that square. Otherwise the processor resized the picture itself: the grid covers it.
+  const w = picture.naturalWidth, h = picture.naturalHeight, side = Math.max(w, h);
+  const scale = size / side;
+  const x = Math.floor((side - w) / 2) * scale, y = Math.floor((side - h) / 2) * scale;
+  const image = { x, y, w: w * scale, h: h * scale };
+  return { image, grid: padSquare ? { x: 0, y: 0, w: size, h: size } : image };
+}
+
+function drawCard(canvas, picture, item, layout, peak, showHeat) {
+  const size = canvas.width;
+  const ctx = canvas.getContext("2d");
+  const box = pictureBox(picture, size, layout.pad_square);
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, size, size);
+  ctx.drawImage(picture, box.image.x, box.image.y, box.image.w, box.image.h);
+  const [gh, gw] = layout.grid || [0, 0];
+  if (showHeat && item.heatmap && item.heatmap.length === gh * gw) {
+    // one pixel per grid cell, upsampled bilinearly over the grid's rectangle
+    const cells = document.createElement("canvas");
+    cells.width = gw;
+    cells.height = gh;
+    const pixels = cells.getContext("2d").createImageData(gw, gh);
+    item.heatmap.forEach((v, i) => {
+      const [r, g, b, a] = heatColour(v, peak);
+      pixels.data.set([r, g, b, Math.round(255 * a)], 4 * i);
+    });
+    cells.getContext("2d").putImageData(pixels, 0, 0);
+    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingQuality = "low"; // bilinear: each cell's own value at its centre, no ringing
+    ctx.drawImage(cells, box.grid.x, box.grid.y, box.grid.w, box.grid.h);
+  }
+  if (item.cell !== null && item.cell !== undefined && gw) {
+    // the example's own cell (examples file): outlined
+    const cw = box.grid.w / gw, ch = box.grid.h / gh;
+    ctx.strokeStyle = "#1d232b";
+    ctx.lineWidth = 2 * (window.devicePixelRatio || 1);
+    ctx.strokeRect(box.grid.x + (item.cell % gw) * cw, box.grid.y + Math.floor(item.cell / gw) * ch, cw, ch);
+  }
+  canvas.dataset.drawn = showHeat && item.heatmap ? "heatmap" : "picture";
+}
+
+function imageCard(item, layout, peak, toggle) {
+  const ratio = window.devicePixelRatio || 1;
+  const canvas = el("canvas", { width: Math.round(CARD * ratio), height: Math.round(CARD * ratio), "data-testid": "image-canvas", "data-image": item.id });
+  canvas.style.width = canvas.style.height = `${CARD}px`;
+  const picture = new Image();
+  const draw = () => drawCard(canvas, picture, item, layout, peak, toggle.checked);
+  picture.addEventListener("load", () => {
+    draw();
+    toggle.addEventListener("change", draw);
+  });
+  const note = el("div", { class: "muted" });
+  picture.addEventListener("error", () => {
+    canvas.dataset.drawn = "missing";
+    note.textContent = "picture unavailable";
+  });
+  picture.src = data.imageSrc(state.key, item.id);
+  const title = [item.name, item.caption].filter(Boolean).join(" — ");
+  return el(
+    "figure",
+    { class: "imcard", "data-testid": "image-card", title },
+    canvas,
+    el("figcaption", {},
+      el("span", { class: "val", text: num(item.value, 2) }), " ",
+      el("span", { class: "fid", text: `image ${item.id}` }),
+      el("div", { class: "imlabel", text: item.label || "(no label)" }),
+      item.caption ? el("div", { class: "muted imlabel", text: item.caption }) : null,
+      item.heatmap ? null : el("div", { class: "muted", text: "no heatmap recorded" }),
+      note),
+  );
+}
+
+function conceptTable(concept) {
+  if (!concept) return null;
+  const named = concept.name
+    ? `${concept.name} (${concept.source} cosine ${num(concept.score, 3)})`
+    : concept.best ? `unnamed: nearest ${concept.best} at ${num(concept.score, 3)}, below the threshold` : null;
+  return kvTable([
+    ["concept", named],
+    ["caption word", concept.word ? `${concept.word} (${num(concept.word_score, 3)})` : null],
+    ["label", concept.label ? `${concept.label} (${num(concept.label_score, 3)})` : null],
+  ]);
+}
+
+function imageSection(images) {
+  const parts = [el("h3", { text: "Top images" })];
+  if (images.problem) parts.push(el("p", { class: "banner", "data-testid": "images-problem", text: images.problem }));
+  const table = conceptTable(images.concept);
+  if (table) parts.push(table);
+  if (!images.items.length) {
+    if (!images.problem) {
+      const why = images.source === null && !images.concept ? "this feature fired on none of the images" : "no images recorded";
+      parts.push(el("p", { class: "muted", text: why }));
+    }
+    return parts;
+  }
+  const peak = Math.max(...images.items.flatMap((it) => (it.heatmap || []).map((v) => Math.abs(v || 0))), 0) || 1;
+  const toggle = el("input", { type: "checkbox", checked: true, "data-testid": "heatmap-toggle" });
+  const layout = { grid: images.grid, pad_square: images.pad_square };
+  const source = images.source === "concepts" ? "hsae concepts (concepts.json)" : "the examples file (the windows around each top cell, outlined)";
+  const grid = images.grid
+    ? `the feature's activation on each cell of the ${images.grid[0]} × ${images.grid[1]} grid${images.pad_square ? " (the picture padded to a white square, as the model saw it)" : ""}, blue where off to red at its peak`
+    : "the store has no grid rows";
+  parts.push(
+    el("p", { class: "muted" },
+      el("label", {}, toggle, " heatmap"),
+      `: ${grid}; from ${source}`),
+    el("div", { class: "imgrid", "data-testid": "top-images" }, ...images.items.map((it) => imageCard(it, layout, peak, toggle))),
+  );
+  return parts;
+}
+
 // ---- pages --------------------------------------------------------------------------------------
 
 function flist(items, extra) {
@@ -372,7 +509,7 @@ function renderFeature(f) {
       .join("; ");
   parts.push(
     kvTable([
-      ["density", pct(f.density)],
+      ["density", f.images && !f.stats ? null : pct(f.density)],
       ["fires", f.stats ? String(f.stats.fires) : null],
       ["max activation", f.stats ? num(f.stats.max_act) : null],
       ["min activation", f.stats && f.stats.min_act !== null ? num(f.stats.min_act) : null],
@@ -380,11 +517,13 @@ function renderFeature(f) {
       ...scores.map(([name, v]) => [`${name} score`, describeScore(v)]),
     ]),
   );
+  if (f.images) parts.push(...imageSection(f.images));
   if (f.missing_examples) {
     parts.push(el("p", { class: "banner" }, "No examples for this model yet. Build them with ", el("code", { text: f.missing_examples })));
-  } else {
-    parts.push(el("h3", { text: "Top activations" }), contextList(f.examples.top, peakAbs, "top-contexts"));
-    if (f.examples.bottom && f.examples.bottom.length) {
+  } else if (f.examples) {
+    // an image model's rows are grid cells, not tokens: its top images stand for the contexts
+    if (!f.images) parts.push(el("h3", { text: "Top activations" }), contextList(f.examples.top, peakAbs, "top-contexts"));
+    if (!f.images && f.examples.bottom && f.examples.bottom.length) {
       parts.push(el("h3", { text: "Most negative activations" }), contextList(f.examples.bottom, peakAbs, "bottom-contexts"));
     }
     const byQuantile = new Map();
@@ -392,8 +531,10 @@ function renderFeature(f) {
       if (!byQuantile.has(e.quantile)) byQuantile.set(e.quantile, []);
       byQuantile.get(e.quantile).push(e);
     }
-    parts.push(el("h3", { text: "Examples by activation quantile (highest first)" }));
-    for (const [q, list] of byQuantile) parts.push(el("div", { class: "muted", text: `quantile ${q}` }), contextList(list, peakAbs, `quantile-${q}`));
+    if (!f.images) {
+      parts.push(el("h3", { text: "Examples by activation quantile (highest first)" }));
+      for (const [q, list] of byQuantile) parts.push(el("div", { class: "muted", text: `quantile ${q}` }), contextList(list, peakAbs, `quantile-${q}`));
+    }
     parts.push(
       el("div", { class: "grid2" },
         el("div", {}, el("h3", { text: "Activation histogram (log bins)" }), activationHistogram(f.histogram)),
@@ -415,7 +556,8 @@ function renderFeature(f) {
     const tokens = (list) => el("div", { class: "ctx" }, ...list.map((t) => el("span", { class: "tok active", title: `logit ${num(t.logit, 3)}`, text: `${t.token} ` })));
     family.append(el("div", {}, el("h3", { text: "Promoted tokens" }), tokens(f.promoted), el("h3", { text: "Suppressed tokens" }), tokens(f.suppressed)));
   }
-  parts.push(family, el("h3", { text: "Steering" }), steerBox(f));
+  parts.push(family);
+  if (!f.images) parts.push(el("h3", { text: "Steering" }), steerBox(f)); // steering runs text through the model
   content.replaceChildren(...parts);
   content.scrollTop = 0;
 }
@@ -434,8 +576,12 @@ function renderModel() {
       ["forest", `${m.roots} roots, ${m.edges} parent→child edges`],
       ["examples", m.examples ? `${m.examples.tokens} tokens (${m.examples.created})` : null],
       ["labels", m.labellers.length ? m.labellers.join(", ") : "none yet"],
+      ["images", m.images ? `${m.images.images} (${m.images.collection}: ${m.images.path})` : null],
+      ["patch grid", m.images && m.images.grid ? `${m.images.grid[0]} × ${m.images.grid[1]}${m.images.pad_square ? ", over the picture padded to a white square" : ""}` : null],
+      ["concepts", m.concepts ? `${m.concepts.named} of ${m.concepts.firing} firing features named (${m.concepts.source}, threshold ${num(m.concepts.threshold, 3)})` : null],
     ]),
   ];
+  if (m.images_problem) parts.push(el("p", { class: "banner", text: m.images_problem }));
   if (m.missing_examples) parts.push(el("p", { class: "banner" }, "No examples for this model yet. Build them with ", el("code", { text: m.missing_examples })));
   const scorers = Object.entries(m.scores || {}).filter(([, v]) => v);
   if (scorers.length) {
