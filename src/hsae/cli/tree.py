@@ -16,6 +16,9 @@ import typer
 
 from hsae.cli import app
 from hsae.errors import HsaeError
+from hsae.interpret.forest import ForestOptions
+
+_DEFAULTS = ForestOptions()
 
 
 def _print_forest(parents: torch.Tensor, fire_counts: torch.Tensor | None, max_trees: int, max_children: int) -> None:
@@ -60,9 +63,29 @@ def tree(
         "post-hoc extraction and statistics (needed for flat families)",
     ),
     n_samples: int = typer.Option(16384, "--n-samples", help="Activation rows to read from --data"),
-    min_coverage: float = typer.Option(0.6, "--min-coverage", help="Least P(parent on | child on) for an edge"),
-    min_cosine: float = typer.Option(-0.25, "--min-cosine", help="Least decoder cosine between parent and child"),
-    min_fires: int = typer.Option(10, "--min-fires", help="A child must fire at least this often in the sample"),
+    min_coverage: float = typer.Option(
+        _DEFAULTS.min_coverage, "--min-coverage", help="Least P(parent on | child on) for an edge"
+    ),
+    min_lift: float = typer.Option(
+        _DEFAULTS.min_lift,
+        "--min-lift",
+        help="Least P(parent on | child on) / P(parent on): how much more often the parent fires with the child "
+        "than at its base rate (0 = no test against the base rate)",
+    ),
+    max_parent_density: float = typer.Option(
+        _DEFAULTS.max_parent_density,
+        "--max-parent-density",
+        help="A parent may fire on at most this fraction of the sample's rows (1 = no cap)",
+    ),
+    rank: str = typer.Option(
+        _DEFAULTS.rank, "--rank", help="Which qualifying parent a child takes: the one of best coverage or of best lift"
+    ),
+    min_cosine: float = typer.Option(
+        _DEFAULTS.min_cosine, "--min-cosine", help="Least decoder cosine between parent and child"
+    ),
+    min_fires: int = typer.Option(
+        _DEFAULTS.min_fires, "--min-fires", help="A child must fire at least this often in the sample"
+    ),
     extract: bool = typer.Option(False, "--extract", help="Extract post hoc even if the family has a built-in tree"),
     save: bool = typer.Option(False, "--save", help="Store the extracted parents in the model folder"),
     max_trees: int = typer.Option(20, "--max-trees", help="Trees to print (largest roots first); 0 = statistics only"),
@@ -73,12 +96,21 @@ def tree(
     """Print the feature forest of a model and its tree statistics (roots, depth, branching, orphans)."""
     from hsae.config import parse_overrides
     from hsae.eval.hierarchy import hierarchy_report, parent_coverage, tree_stats
-    from hsae.interpret.forest import ForestOptions, extract_forest, has_builtin_hierarchy
+    from hsae.interpret.forest import extract_forest, has_builtin_hierarchy
     from hsae.models import load
     from hsae.models.base import read_config
     from hsae.models.codes import encode_rows
     from hsae.sources import open_source
 
+    options = ForestOptions(
+        min_coverage=min_coverage,
+        min_cosine=min_cosine,
+        min_fires=min_fires,
+        min_lift=min_lift,
+        max_parent_density=max_parent_density,
+        rank=rank,
+    )
+    options.validate()
     sae = load(directory)
     builtin = has_builtin_hierarchy(sae)
     if save and builtin:
@@ -105,9 +137,9 @@ def tree(
     fire_counts = None
     codes = encode_rows(sae, x) if x is not None else None
     if x is not None and (extract or not builtin):
-        found = extract_forest(sae, x, ForestOptions(min_coverage, min_cosine, min_fires), codes=codes)
+        found = extract_forest(sae, x, options, codes=codes)
         parents, fire_counts = found.parents, found.fire_counts
-        how = f"extracted post hoc (coverage >= {min_coverage}, cosine >= {min_cosine}) on {x.shape[0]} rows"
+        how = f"extracted post hoc ({options.describe()}) on {x.shape[0]} rows"
     else:
         parents = sae.hierarchy()
         how = "built in" if builtin else "saved in the model folder"
