@@ -20,7 +20,7 @@ import pytest
 
 import hsae
 from interpret_fixtures import XSS, XSS_IMG, gpt2_model, minilm_model
-from test_serve_images_fixtures import image_model, image_model_with_examples
+from test_serve_images_fixtures import MARKUP, image_model, image_model_with_examples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -192,9 +192,13 @@ def test_an_image_feature_shows_its_top_images_with_the_heatmap_drawn(image_serv
     heatmap = images["items"][0]["heatmap"]
     page = browser.new_page()
     errors: list[str] = []
+    dialogs: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(f"{image_server}/features/{latent}?model=sae")
     page.wait_for_function(DRAWN, arg=len(images["items"]))
+    assert MARKUP in page.inner_text("[data-testid=top-images]")  # captions shown as the characters they are
+    assert page.evaluate("document.querySelectorAll('#content img').length") == 0 and dialogs == []
     assert page.locator("[data-drawn=heatmap]").count() == sum(1 for i in images["items"] if i["heatmap"])
     assert "concept" in page.inner_text("#content") and "class" in page.inner_text("#content")
     assert page.locator("[data-testid=steer]").count() == 0  # steering reads text

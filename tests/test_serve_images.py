@@ -232,3 +232,18 @@ def test_static_export_writes_the_top_images_only(built, tmp_path):
     (few / "concepts.json").write_text(json.dumps(report))
     out = export_site(few, tmp_path / "few-site")
     assert {p.name for p in (out / "images" / "few").iterdir()} == {f"{i}.png" for i in first["top_images"][:2]}
+
+
+def test_damaged_image_files_are_named_with_the_fix(built, tmp_path):
+    from hsae.errors import HsaeError
+
+    store, model, _ = built
+    damaged = shutil.copytree(store, tmp_path / "store")
+    (damaged / "images.json").write_text("[1, 2")
+    problem = create_app([retarget(model, damaged, tmp_path / "a")])
+    detail = TestClient(problem).get("/api/model").json()["images_problem"]
+    assert "images.json cannot be read" in detail and "hsae harvest-images" in detail
+    broken = shutil.copytree(model, tmp_path / "b")
+    (broken / "concepts.json").write_text(json.dumps({"concepts": [{"name": "x"}]}))
+    with pytest.raises(HsaeError, match="not hsae's concepts file.*write it again with `hsae concepts`"):
+        create_app([broken])

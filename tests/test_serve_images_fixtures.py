@@ -1,11 +1,12 @@
 """A tiny image model for the browser's image tests (not a test module; shared by test_serve_images.py
 and test_browser.py). Built once per test process, in seconds:
 
-- `image_model()`: 12 captioned pictures, 40 x 24 (wider than tall, so the white padding shows), in
-  three folders, each a colour with a dark block in one corner; a random 1-layer ViT classifier (32 x 32
-  input, 4 x 4 patches) harvested with CLS and patch rows (`--tokens both`, padded to a square); a TopK
-  SAE trained on the store (`hsae train --data STORE`); its concepts.json (`concept_report`, named
-  through the head, heatmaps from the patch rows). Returns (store folder, model folder).
+- `image_model()`: 12 pictures, 40 x 24 (wider than tall, so the white padding shows), in three
+  folders, each a colour with a dark block in one corner, captioned with markup in every caption; a
+  random 1-layer ViT classifier (32 x 32 input, 4 x 4 patches) harvested with CLS and patch rows
+  (`--tokens both`, padded to a square); a TopK SAE trained on the store (`hsae train --data STORE`);
+  its concepts.json (`concept_report`, named through the head, heatmaps from the patch rows).
+  Returns (store folder, model folder).
 - `image_model_with_examples()`: a copy of that model without concepts.json and with an examples file
   instead (the examples pass over the store's rows; the pass's token table needs a tokenizer, and an
   image store's token ids are label ids, so a word-level one over the labels stands in for it).
@@ -28,6 +29,7 @@ _ROOT = Path(tempfile.mkdtemp(prefix="hsae-serve-images-"))
 atexit.register(shutil.rmtree, _ROOT, True)
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 SIZE = (40, 24)
+MARKUP = "<img src=x onerror=alert(1)>"  # in every caption: the page must show it as text
 
 
 def picture(i: int) -> Image.Image:
@@ -68,7 +70,7 @@ def image_model() -> tuple[Path, Path]:
         folder = pics / list(COLOURS)[i % 3]
         folder.mkdir(parents=True, exist_ok=True)
         picture(i).save(folder / f"p{i:02d}.png")
-        (folder / f"p{i:02d}.txt").write_text(f"a {folder.name} card number {i}\n")
+        (folder / f"p{i:02d}.txt").write_text(f"a {folder.name} card number {i} {MARKUP}\n")
     loaded = load_vision_model(str(tiny_vit(_ROOT / "vit")), device="cpu")
     images = image_folder(pics)
     harvester = ImageHarvester(loaded, ["vit.layernorm"], tokens="both")

@@ -199,12 +199,24 @@ def image_store_of(record: dict[str, Any]) -> tuple[StoreImages | None, str | No
         return None, problem if vision else None
     if (manifest.get("model") or {}).get("modality") != "vision":
         return None, None
+    rerun = f"run its `hsae harvest-images` command again to write {IMAGE_INDEX}"
     if not (store / IMAGE_INDEX).is_file():
-        return None, f"the image store {store} has no {IMAGE_INDEX}: run its `hsae harvest-images` command again"
-    return StoreImages(store), None
+        return None, f"the image store {store} has no {IMAGE_INDEX}: {rerun}"
+    try:
+        return StoreImages(store), None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable or not hsae's images.json
+        return None, f"{store / IMAGE_INDEX} cannot be read ({type(err).__name__}: {err}): {rerun}"
 
 
 def read_concepts(directory: Path) -> dict[str, Any] | None:
-    """The model's concepts.json (`hsae concepts`), or None."""
+    """The model's concepts.json (`hsae concepts`), or None; a damaged one is an error naming the fix."""
     path = directory / CONCEPTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        if not all(isinstance(e, dict) and isinstance(e["latent"], int) for e in report["concepts"]):
+            raise ValueError("a concept without its latent")
+    except (ValueError, KeyError, TypeError) as err:
+        raise HsaeError(f"{path} is not hsae's concepts file ({err}): write it again with `hsae concepts`") from None
+    return report
