@@ -95,8 +95,8 @@ class ModelView:
         """The command that gives this model's pages their examples, while it has none."""
         if self.db is not None or self.concepts:
             return None
-        if self.images is not None:
-            return f"hsae concepts {self.directory} --data {self.images.store}"
+        if self.images is not None or self.images_problem:  # an image model: `hsae examples` reads text
+            return f"hsae concepts {self.directory} --data {(self.record.get('data') or {}).get('path')}"
         return f"hsae examples {self.directory}"
 
     def model(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from hsae.store import read_manifest
 
 CONCEPTS_FILE = "concepts.json"  # written by `hsae concepts` (hsae.cli.concepts)
 FOLDER_KINDS = ("image_folder", "tuxpaint")  # collections whose images are files under collection.path
-MAX_SIDE = 256  # pixels on a picture's long side: the page draws them at most 180 px wide (x DPR)
+MAX_SIDE = 256  # pixels on a picture's long side: the page draws them 168 CSS px wide (x the pixel ratio)
 MAX_SHOWN = 12  # top images per feature
 
 
@@ -43,7 +43,8 @@ class StoreImages:
         self.store = store
         self.records: list[dict[str, Any]] = index["images"]
         self.collection: dict[str, Any] = index["collection"]
-        self.grid: list[int] | None = harvest.get("grid")
+        # a pooled store records its map's grid too, but has no rows on it to draw
+        self.grid: list[int] | None = harvest.get("grid") if harvest.get("rows_per_image", 1) > 1 else None
         self.pad_square = bool(harvest.get("pad_square", False))
         self.model_name = (manifest.get("model") or {}).get("name")
         self.hook = ((manifest.get("hooks") or [{}])[0]).get("name")
@@ -69,6 +70,7 @@ class StoreImages:
         return self.records[image]
 
     def lists(self, image: int) -> bool:
+        """Whether images.json lists an image of this id."""
         return 0 <= image < len(self.records) and self.records[image].get("id") == image
 
     def card(self, image: int) -> dict[str, Any]:
