@@ -22,10 +22,14 @@ the first update comes after `hierarchy_start` (10%) of the run and the next one
 min(`hierarchy_every`, 25% of the run) steps, so short runs still get a tree.
 
 Choices for the small scale and the hsae interface:
+- --k is the L0 of all levels together (matched with the other families; the paper sets a target
+  per level): each level's share is k / L, the remainder to the finest levels, at least one each
+  (`ForestConfig.level_k`).
 - Activation: JumpReLU per latent (`activation=jumprelu`, default; threshold and bandwidth as the
-  jumprelu family) with one L0 coefficient per level steered to the same target L0 = --k per level
-  (the multiplicative controller of hsae.models.penalty; the paper's Appendix-A controller was not
-  available), or `activation=topk` (k per level), a robust alternative for tiny runs. No ghost grads.
+  jumprelu family) with one L0 coefficient per level steered to that level's share (the
+  multiplicative controller of hsae.models.penalty; the paper's Appendix-A controller was not
+  available), or `activation=topk` (each level keeps its share), a robust alternative for tiny runs.
+  No ghost grads.
 - One shared b_dec (the paper's levels are separate SAEs with their own biases).
 - The model's reconstruction is the mean of the level reconstructions: `encode` returns the codes
   of all levels with values divided by L, so that decode(codes) = b_dec + codes @ W_dec holds
@@ -70,7 +74,7 @@ class ForestConfig(SAEConfig):
 
     def validate(self) -> None:
         if self.k is None:
-            raise HsaeError("the forest family needs --k (target L0 of each level)")
+            raise HsaeError("the forest family needs --k (target L0 of all levels together)")
         super().validate()
         if self.threshold_init <= 0 or self.bandwidth <= 0:
             raise HsaeError("forest: threshold_init and bandwidth must be positive")
@@ -81,8 +85,11 @@ class ForestConfig(SAEConfig):
             raise HsaeError(
                 f"forest: level_fractions {self.level_fractions} leave a level empty at n_latents {self.n_latents}"
             )
-        if self.activation == "topk" and self.k >= min(hi - lo for lo, hi in zip(b[:-1], b[1:], strict=False)):
-            raise HsaeError(f"forest: k {self.k} must be below the smallest level size with activation=topk")
+        sizes = [hi - lo for lo, hi in zip(b[:-1], b[1:], strict=False)]
+        if self.activation == "topk" and any(k >= size for k, size in zip(self.level_k(), sizes, strict=True)):
+            raise HsaeError(
+                f"forest: a level's share of --k {self.k} ({self.level_k()}) must be below its size {sizes}"
+            )
         if self.activation not in ("jumprelu", "topk"):
             raise HsaeError(f"forest: activation must be jumprelu or topk, got {self.activation!r}")
         if self.similarity not in ("encoder", "decoder"):
@@ -94,6 +101,12 @@ class ForestConfig(SAEConfig):
 
     def level_bounds(self) -> list[int]:
         return bounds_from_fractions(self.n_latents, self.level_fractions)
+
+    def level_k(self) -> list[int]:
+        """Each level's share of --k (the L0 of all levels together): as even as possible, the
+        remainder to the finest levels, and at least one per level (so the L0 is max(k, levels))."""
+        n, k = len(self.level_fractions), self.require_k()
+        return [max(1, k // n + (1 if lv >= n - k % n else 0)) for lv in range(n)]
 
 
 @register("forest")
@@ -124,8 +137,8 @@ class ForestSAE(SAE[ForestConfig]):
             return jumprelu(pre, self.log_threshold.exp(), cfg.bandwidth)
         b = cfg.level_bounds()
         out = torch.zeros_like(pre)
-        for lo, hi in zip(b[:-1], b[1:], strict=False):
-            v, i = pre[:, lo:hi].topk(cfg.require_k(), dim=-1, sorted=False)
+        for lo, hi, k in zip(b[:-1], b[1:], cfg.level_k(), strict=False):
+            v, i = pre[:, lo:hi].topk(k, dim=-1, sorted=False)
             out = out.scatter(1, i + lo, v.relu())
         return out
 
@@ -188,7 +201,8 @@ class ForestSAE(SAE[ForestConfig]):
             active = (to_dense(out.codes) != 0).float()
             per_level = torch.zeros(self.n_levels, device=active.device).index_add(0, self.level, active.sum(0))
             per_level /= active.shape[0]
-            ratio = (per_level.clamp_min(1e-3) / cfg.require_k()).log().clamp(-1, 1)
+            target = torch.tensor(cfg.level_k(), dtype=per_level.dtype, device=per_level.device)
+            ratio = (per_level.clamp_min(1e-3) / target).log().clamp(-1, 1)
             self.sparsity_coefs.mul_((cfg.l0_controller_rate * ratio).exp())
         done = ctx.step + 1
         start = max(1, round(cfg.hierarchy_start * ctx.total_steps))

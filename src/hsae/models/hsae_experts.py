@@ -10,8 +10,12 @@ Forward (Algorithm 1):
 Loss: ||x - x_hat||^2 + beta ||x - (b_dec + D z)||^2 ("top_mse") + lambda1 L_ortho + lambda2 (||z||_1 +
 sum ||zz_j||_1), with L_ortho = ||E D - diag(E D)||_F / (n_top^2 - n_top) on the top level, and the
 three weights warmed up linearly from 0 over `warmup_steps` (paper: 1000; capped here at 10% of the
-run so that short runs see the full weights). Paper defaults: beta 0.1, lambda1 0.1, lambda2 0.001,
-m_low 16 with s 4 (or 64 with 8).
+run so that short runs see the full weights). Paper defaults: beta 0.1 (here 1: measured, see
+docs/hierarchy.md), lambda1 0.1, lambda2 0.001, m_low 16 with s 4 (or 64 with 8).
+
+--k is the L0 of parents and children together (matched with the other families): ceil(k / 2)
+parents, and the strongest floor(k / 2) of them each with its one child (the paper's k counts the
+parents only, so its L0 is up to 2k).
 
 Latent layout (n_latents = n_top * (1 + m_low); choose --n-latents as a multiple of 1 + m_low):
 latents [0, n_top) are the parents; latent n_top + j * m_low + c is child c of parent j.
@@ -19,7 +23,7 @@ latents [0, n_top) are the parents; latent n_top + j * m_low + c is child c of p
 n_top + j*m_low + c is P_up[j] @ D_j[:, c], the child's direction in the input space — not unit norm
 (`unit_norm_decoder = False`), so that decode(codes) = b_dec + codes @ W_dec holds exactly for the
 full code. `W_enc` likewise (d_in, n_latents): the top encoder, and P_down[j]^T E_j^T for children.
-Codes are (n, 2k) SparseCodes: the k parents, then each one's child (value 0 when none fires).
+Codes are (n, 2 ceil(k/2)) SparseCodes: the parents, then each one's child (value 0 when none fires).
 
 Choices where the paper is unclear or the small scale asks for it: relu (LeakyReLU slope 0; the
 paper's alpha ~ 1/sqrt(d) threshold is not used), untied weights, input centred by b_dec like the other
@@ -27,42 +31,12 @@ hsae families (the paper does not centre), D and D_j columns kept at unit norm a
 (gradient projected), no AuxK (the orthogonality term replaces it). Initialisation: D random unit
 rows with E = D^T; each expert's projections start tied, P_up[j] = a random orthonormal (d, s) basis
 and P_down[j] = its transpose (the official JAX code ties them throughout; here they train freely),
-E_j = D_j random unit rows. An earlier init (P_down ~ N(0, 1/d), P_up ~ N(0, 1/s)) gave child
-directions of norm ~sqrt(d/s) (2.9 at d=32, s=3) whose codes stayed near 0: on the claim-test forest
-FVU 0.39-0.40 against 0.30-0.32 now.
+E_j = D_j random unit rows, so a child's direction starts at unit norm like its parent's.
 Option `orthogonal_children=true` (not in the paper; Park et al.'s geometry, which motivates H-SAE,
 has child-minus-parent vectors orthogonal to the parent): each expert's effective up-projection is
 P_up[j] with its component along D_j removed, so a child can only add what its parent's direction
-does not carry, and W_dec's child rows are those offsets. Measured on the claim-test forest it helps
-a little and not reliably (absorption 0.79 vs 0.82-0.95 after 300 steps; 0.65 vs 1.0 after 1500, 0.91
-after 4000), so the default stays the paper's.
-
-Why the top latents absorb their children on the claim-test forest (tests/test_hierarchical.py: 8 roots,
-3 children each at cosine 0.5 with their root, p_child 0.9; n_top 12, m_low 4, s 3, k 1 so that L0 is
-TopK's 2). Checked and not a bug: the loss weights (mse at 1, top_mse at beta, warmed up as above) are
-the paper's; children are gated by and selected under their parent as in Algorithm 1; W_dec's child
-rows are the offsets P_up[j] D_j[c] (what the child adds to its parent), not parent + child, because
-decode(codes) = b_dec + codes @ W_dec must hold and the parent's and child's values differ. That is not
-what maps true children onto parent latents: an ideal offset (the child's part orthogonal to its root)
-has cosine 0.87 with the true child against 0.5 for the root. The cause is k = 1: a third of the
-samples carry two or more roots, each expert sees the whole input (u = P_down x, as in the paper), so
-its single child slot is spent as a second top-level slot. Seed 1, 300 steps: most experts' children
-align with *other* roots (cosine 0.75-0.9), roots are split over several top latents, one top latent
-fires on 31% of samples as a catch-all, true children's latents are silent on about half of the samples
-where the child is on, and FVU is 0.30 against TopK's 0.15. Measured over training seeds 1, 2, 3
-(absorption / edge F1; TopK 0.74, 0.82, 0.79 / 0.35, 0.15, 0.35): defaults 0.99, 0.80, 0.82 / 0.06,
-0.24, 0.20; beta=1 0.76, 0.73, 0.66 / 0.44, 0.41, 0.46 (better F1 on every seed, absorption below
-TopK - 0.05 on seeds 2 and 3 only); beta 0.5 and 2 were no better across the seeds. Tried and dropped (no
-reliable gain): tying E = D^T, P_down = P_up^T, E_j = D_j as the official JAX code does (0.87, 0.83,
-0.81 / 0.17, 0.25, 0.28); feeding each expert the residual x - x_top instead of x, alone or with beta=1
-or orthogonal_children.
-Also measured (seeds 1, 2, 3; absorption / edge F1, TopK trained alike in brackets), none reliable enough
-to claim: longer runs, nearer the paper's 1000-step warm-up: 1000 steps defaults 0.75, 0.72, 0.88 / 0.32,
-0.37, 0.15 and beta=1 0.65, 0.53, 0.70 / 0.42, 0.60, 0.35 (TopK 0.88, 0.83, 0.85 / 0.08, 0.29, 0.22), but
-2000 steps defaults 0.76, 0.80, 0.89 and beta=1 0.78, 0.87, 0.81 (TopK 0.89, 0.85, 0.86); matched total L0
-with k=2 (L0 3.4-3.95) 0.68, 0.63, 0.59 / 0.33, 0.22, 0.39, worse than TopK at k=3 or 4; one root per
-sample (SyntheticConfig exclusive_roots, p_root 1/8, so k=1 suffices) 0.69, 0.68, 0.47 / 0.40, 0.29, 0.56
-against TopK k=2 0.38, 0.23, 0.23 / 0.62, 0.81, 0.73. The defaults stay the paper's.
+does not carry, and W_dec's child rows are those offsets. What was measured with each option, and
+why the top latents absorb their children on hsae's claim forest, is in docs/hierarchy.md.
 """
 
 from __future__ import annotations
@@ -85,7 +59,9 @@ class HSAEConfig(SAEConfig):
     k: int | None = 32
     m_low: int = 16
     subspace_dim: int = 4
-    beta: float = 0.1
+    # The weight of the top level's own reconstruction; the paper's 0.1 lets the top level leave its
+    # children's share to the experts, which recovers fewer edges (docs/hierarchy.md).
+    beta: float = 1.0
     ortho_coef: float = 0.1
     l1_coef: float = 0.001
     warmup_steps: int = 1000
@@ -99,7 +75,7 @@ class HSAEConfig(SAEConfig):
 
     def validate(self) -> None:
         if self.k is None:
-            raise HsaeError("the h-sae family needs --k (active top-level latents per token)")
+            raise HsaeError("the h-sae family needs --k (active latents per token, parents and children together)")
         if self.m_low < 1 or self.subspace_dim < 1:
             raise HsaeError("h-sae: m_low and subspace_dim must be >= 1")
         if self.subspace_dim > self.d_in:
@@ -111,8 +87,11 @@ class HSAEConfig(SAEConfig):
                 f"with m_low children); e.g. --n-latents {n_top * (1 + self.m_low)}"
             )
         super().validate()
-        if not 0 < self.k < self.n_top:
-            raise HsaeError(f"h-sae: --k {self.k} must be below the number of top latents {self.n_top}")
+        if not 0 < (self.k + 1) // 2 < self.n_top:
+            raise HsaeError(
+                f"h-sae: --k {self.k} counts parents and children (one child each), so (k + 1) // 2 parents must be "
+                f"below the number of top latents {self.n_top}"
+            )
         for name in ("beta", "ortho_coef", "l1_coef"):
             if getattr(self, name) < 0:
                 raise HsaeError(f"h-sae: {name} must be >= 0")
@@ -215,17 +194,22 @@ class HSAE(SAE[HSAEConfig]):
         return torch.addmm(self.b_enc, xn - self.b_dec, self.E)
 
     def _encode(self, xn: Tensor, k: int | None = None):
+        """k is the L0 of parents and children together: ceil(k / 2) parents, the strongest
+        floor(k / 2) of them with their one child."""
         k = k or self.config.require_k()
-        if not 0 < k <= self.n_top:
-            raise HsaeError(f"h-sae: k must be between 1 and {self.n_top}, got {k}")
+        n_par = (k + 1) // 2
+        if not 0 < n_par <= self.n_top:
+            raise HsaeError(f"h-sae: k (parents and children) must be between 1 and {2 * self.n_top}, got {k}")
         xc = xn - self.b_dec
         pre = torch.addmm(self.b_enc, xc, self.E)
-        top_val, top_idx = pre.topk(k, dim=-1, sorted=False)
+        top_val, top_idx = pre.topk(n_par, dim=-1, sorted=True)
         top_val = top_val.relu()
         u = torch.einsum("bksd,bd->bks", self.P_down[top_idx], xc)  # (B, k, s)
         child_pre = torch.einsum("bkms,bks->bkm", self.E_low[top_idx], u)  # (B, k, m_low)
         c_val, c_idx = child_pre.max(dim=-1)
         c_val = c_val.relu() * (top_val > 0)  # children only under an active parent
+        if k % 2:  # an odd L0: the weakest parent goes without its child
+            c_val = torch.cat([c_val[:, :-1], torch.zeros_like(c_val[:, -1:])], 1)
         child_global = self.n_top + top_idx * self.config.m_low + c_idx
         return pre, top_idx, top_val, c_idx, c_val, child_global
 

@@ -13,7 +13,7 @@ value 0.
 Reconstruction condition through the loss (Eq. 7-9): L = sum_l || b + sum_{t<=l} xhat_t - x ||^2
 ("mse" = the full reconstruction, "layer_mse" = the strict prefixes) + sum_l alpha_l AuxK_l, where
 AuxK_l reconstructs the residual of layers <= l from the k_aux largest pre-activations of layer l's
-dead latents; alpha_1 = `aux_coef` (1/32), alpha_{l>=2} = `aux_coef_children` (paper: 0; its
+dead latents; alpha_1 = `aux_coef` (1/32), alpha_{l>=2} = `aux_coef_children` (1/32; paper: 0, its
 alternative is 1/128 on all layers). For l >= 2 only dead latents whose parent fired in the row take
 part (`aux_gated`, our reading of "dead children learn to reconstruct their parents' error").
 
@@ -30,26 +30,21 @@ Dynamic reallocation (Algorithms 1-2), simplified where the paper is unclear:
   dead latents are reset to the root and no reallocation follows.
 - Initial allocation (unspecified in the paper): uniformly random over the earlier layers' latents
   and the root, from the init seed.
-Measured on the claim-test forest (tests/test_hierarchical.py; d 32, 8 roots x 3 children, 64
-latents, k 2, 300 steps): the tree ends nearly flat (edge F1 0-0.15, absorption 0.75-0.79, as TopK's).
-With k 2 the raw TopK rarely holds a layer-2 latent together with its (random) parent, so most
-children are gated off, get no gradient and die; reallocation moves dead children by capacity,
-which is spread evenly when every parent fires in every batch, and at `realloc_stop` the dead ones
-go to the root. AuxK on the child layers (`aux_coef_children` 1/32, gated) revives some
-(F1 0.07-0.21, noisy); it is off by default as in the paper.
-Our options that make it learn the tree there (all off by default; the claim test turns them on):
-- `selection="pool"`: TopK over a candidate pool instead of raw TopK then gate: k greedy picks, each
-  the largest pre-activation among latents whose parent is the root or an earlier pick of the row,
-  so a child can be selected whenever its parent is (same activation condition, L0 = k).
-- `capacity_mode="row"`: each row's squared error is split among the parents active in that row
-  (and the root), so dead children go to parents whose rows are poorly reconstructed rather than
-  evenly to every parent that fired somewhere in the batch.
-- `reparent`: at each reallocation and at `realloc_stop`, live children move to the earlier-layer
-  latent they co-fired with most (coverage >= `reparent_min_coverage`), so children of the root
-  that fire with one parent get attached to it.
-Measured with all three plus `aux_coef_children` 1/32 (training seeds 1, 2, 3): absorption
-0.33/0.58/0.52 (TopK 0.74/0.82/0.79) and edge F1 0.47/0.41/0.65 (TopK 0.35/0.15/0.35); without the
-AuxK on children 0.51-0.62 and F1 0.37-0.47; pool alone F1 about 0.2, pool + reparent 0.2-0.27.
+Our options, on by default (docs/hierarchy.md has the measurements: with the paper's gate and
+batch capacity the children die under the gate and the tree stays nearly flat, on hsae's synthetic
+forests and on SAELens's):
+- `selection="pool"` (paper: "gate"): TopK over a candidate pool instead of raw TopK then gate: k
+  greedy picks, each the largest pre-activation among latents whose parent is the root or an
+  earlier pick of the row, so a child can be selected whenever its parent is (same activation
+  condition, L0 = k).
+- `capacity_mode="row"` (paper: "batch"): each row's squared error is split among the parents
+  active in that row (and the root), so dead children go to parents whose rows are poorly
+  reconstructed rather than evenly to every parent that fired somewhere in the batch.
+- `reparent=true`: at each reallocation and at `realloc_stop`, live children move to the
+  earlier-layer latent they co-fired with most (coverage >= `reparent_min_coverage`), so children
+  of the root that fire with one parent get attached to it.
+- `aux_coef_children` 1/32 (paper: 0): AuxK on the child layers, gated as above.
+The paper's method: `-o selection=gate -o capacity_mode=batch -o reparent=false -o aux_coef_children=0`.
 Not implemented: per-token input standardisation and Var(x)-normalised MSEs of the official code
 (hsae's trainer normalises inputs to mean norm sqrt(d) instead).
 """
@@ -75,7 +70,7 @@ from hsae.models.topk import TopKConfig, TopKSAE
 @dataclass
 class TreeConfig(TopKConfig):
     layer_fractions: list[float] = field(default_factory=lambda: [0.25, 0.75])
-    aux_coef_children: float = 0.0
+    aux_coef_children: float = 1 / 32
     # AuxK of a child layer only draws on dead latents whose parent fired in that row (after
     # gating), so a dead child learns its own parent's residual ("dead children learn to
     # reconstruct their parents' error"); only matters when aux_coef_children > 0.
@@ -84,19 +79,19 @@ class TreeConfig(TopKConfig):
     # (realised L0 <= k). "pool": TopK over a candidate pool that grows as parents are picked: k
     # greedy picks, each the largest pre-activation among latents whose parent is the root or was
     # already picked in that row (realised L0 = k, up to zero values; same activation condition).
-    selection: str = "gate"
+    selection: str = "pool"
     realloc: bool = True
     # Co-activation re-parenting (ours, not in the paper): at every reallocation event and at
     # `realloc_stop`, each live child latent moves to the earlier-layer latent that fired most often
     # in the same rows since the last event, when that coverage P(parent on | child on) is at least
     # `reparent_min_coverage` and beats its current parent's; children reset to the root at
     # `realloc_stop` are then re-attached the same way. Counts are kept sparse (pairs that co-fire).
-    reparent: bool = False
+    reparent: bool = True
     reparent_min_coverage: float = 0.5
     # "batch": the official code's capacity (each step's loss split equally among the parents that
     # fired in the batch). "row": each row's own squared error split among the parents active in
     # that row (plus the root), so parents whose rows are poorly reconstructed get more children.
-    capacity_mode: str = "batch"
+    capacity_mode: str = "row"
     realloc_first: float = 0.03
     realloc_max: float = 0.10
     realloc_stop: float = 0.51
@@ -134,19 +129,20 @@ def gate_codes(idx: Tensor, val: Tensor, parents: Tensor, layer: Tensor, n_layer
 
 def pool_topk(pre: Tensor, k: int, parents: Tensor) -> tuple[Tensor, Tensor]:
     """k greedy picks per row, each the largest pre-activation among the latents whose parent is the
-    root or an earlier pick of that row; returns (indices, relu'd values), both (n, k). A row with
-    fewer than k eligible latents gets value 0 in its extra slots."""
+    root or an earlier pick of that row that fires (value > 0); returns (indices, relu'd values), both
+    (n, k). A row with fewer than k eligible latents gets value 0 in its extra slots."""
     n, m = pre.shape
-    children = parents[None, :] == torch.arange(m, device=pre.device)[:, None]  # [p, j]: j is a child of p
     eligible = (parents < 0).expand(n, m).clone()
     rows = torch.arange(n, device=pre.device)
     picked_idx, picked_val = [], []
     for _ in range(min(k, m)):
         any_left = eligible.any(-1)
         i = pre.masked_fill(~eligible, float("-inf")).argmax(dim=-1)
+        value = torch.where(any_left, pre[rows, i], torch.zeros_like(pre[rows, i]))
         picked_idx.append(i)
-        picked_val.append(torch.where(any_left, pre[rows, i], torch.zeros_like(pre[rows, i])))
-        eligible = eligible | children[i]
+        picked_val.append(value)
+        # the pick's children join the pool, if it fires (relu > 0): an inactive parent opens none
+        eligible = eligible | ((parents[None, :] == i[:, None]) & (value > 0)[:, None])
         eligible[rows, i] = False
     return torch.stack(picked_idx, 1), torch.stack(picked_val, 1).relu()
 
