@@ -57,6 +57,9 @@ class ArrayStream:
     def load_model(self):
         return self.loaded
 
+    def label_names(self):
+        return None  # text rows
+
     def chunks(self, place=None):
         for lo in range(int(place or 0), self.total_rows, self.chunk):
             hi = min(lo + self.chunk, self.total_rows)

@@ -8,8 +8,8 @@ and test_browser.py). Built once per test process, in seconds:
   its concepts.json (`concept_report`, named through the head, heatmaps from the patch rows).
   Returns (store folder, model folder).
 - `image_model_with_examples()`: a copy of that model without concepts.json and with an examples file
-  instead (the examples pass over the store's rows; the pass's token table needs a tokenizer, and an
-  image store's token ids are label ids, so a word-level one over the labels stands in for it).
+  instead (the examples pass over the store's rows, its token table named by the image labels from
+  images.json: an image store's token ids are label ids).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 from PIL import Image
 
@@ -90,9 +89,6 @@ def image_model() -> tuple[Path, Path]:
 
 @lru_cache(maxsize=1)
 def image_model_with_examples() -> tuple[Path, Path]:
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
     import hsae
     from hsae.interpret.examples import ExamplesConfig, build_examples
     from hsae.interpret.streams import StoreStream
@@ -101,16 +97,9 @@ def image_model_with_examples() -> tuple[Path, Path]:
     store, model = image_model()
     copy = shutil.copytree(model, _ROOT / "sae-examples")
     (copy / "concepts.json").unlink()
-    vocab = {w: i for i, w in enumerate(["blue", "green", "red", "a", "[UNK]"])}  # label ids first
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]"
-    )
-
-    class LabelStream(StoreStream):
-        def load_model(self):
-            return SimpleNamespace(tokenizer=tokenizer, model=None)
-
     sae = hsae.load(copy)
-    stream = LabelStream(ActivationStore.open(store, max_norm_ratio=0))
+    # an image store's token ids are its labels: the pass names them from images.json, no tokenizer
+    stream = StoreStream(ActivationStore.open(store, max_norm_ratio=0))
+    assert stream.label_names() == ["blue", "green", "red"]
     build_examples(sae, copy, stream, ExamplesConfig(random_contexts=16, batch_rows=256))
     return store, copy

@@ -24,8 +24,7 @@ from torch import Tensor
 from hsae.cli import app
 from hsae.cli._common import quiet_transformers
 from hsae.errors import HsaeError
-
-CONCEPTS_FILE = "concepts.json"
+from hsae.interpret.concepts import CONCEPTS_FILE
 
 
 @dataclass
@@ -171,7 +170,7 @@ def concept_report(
     fires = acts.amax(0) > 0
     wanted: dict[int, set[int]] = {}
     for j in fires.nonzero().squeeze(1).tolist():
-        for t in top_lists[j][:3]:
+        for t in top_lists[j]:
             wanted.setdefault(ids[t], set()).add(j)
     maps = heatmaps(model, store, wanted, k)
     latents = []
@@ -188,7 +187,7 @@ def concept_report(
             top_values=[round(v, 4) for v in values[j].tolist()[: len(top_lists[j])]],
         )  # fmt: skip
         if maps:
-            entry["heatmaps"] = [maps.get((ids[t], j)) for t in top_lists[j][:3]]
+            entry["heatmaps"] = [maps.get((ids[t], j)) for t in top_lists[j]]
         latents.append(entry)
     named = [e for e in latents if e.get("name")]
     report: dict[str, Any] = {

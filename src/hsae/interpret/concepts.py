@@ -36,6 +36,8 @@ from torch import Tensor
 from hsae.errors import HsaeError
 from hsae.models.codes import to_dense
 
+# The file `hsae concepts` writes beside a model (read by the browser).
+CONCEPTS_FILE = "concepts.json"
 TEXT_THRESHOLD = 0.42  # the paper's similarity threshold for text-encoder names
 CHANCE_QUANTILE = 0.99
 STOPWORDS = frozenset(

@@ -260,7 +260,11 @@ def _token_index(table, pieces: dict[int, str]) -> list[tuple]:
     return [(token, latent, m) for (token, latent), m in counts.items()]
 
 
-def write_result(path: Path, run: ExamplesPass, meta: dict[str, Any], loaded) -> None:
+def write_result(
+    path: Path, run: ExamplesPass, meta: dict[str, Any], loaded, label_names: list[str] | None = None
+) -> None:
+    """Write the examples file. Token ids read as the text model's tokens (`loaded`'s tokenizer), or
+    for an image store as its label names (`label_names`; no model needed then)."""
     tables, cfg = run.tables, run.cfg
     n = tables.n_latents
     examples = itertools.chain(
@@ -276,16 +280,18 @@ def write_result(path: Path, run: ExamplesPass, meta: dict[str, Any], loaded) ->
         for i, row in enumerate(tables.contexts.payload["row"][latents, slots].tolist())
     ]
 
-    text = TokenText(loaded.tokenizer)
     shown = [table.payload["tokens"].reshape(-1) for table in tables.tables().values()]
     seen = set(torch.cat([tables.token_counts.nonzero().squeeze(1), *shown]).unique().tolist())
     seen.discard(-1)
     counts = tables.token_counts.tolist()
-    pieces = text.pieces(seen)
+    if label_names is not None:
+        pieces = {t: label_names[t] if 0 <= t < len(label_names) else f"label {t}" for t in seen}
+    else:
+        pieces = TokenText(loaded.tokenizer).pieces(seen)
     vocab = [(t, pieces[t], counts[t] if t < len(counts) else 0) for t in sorted(seen)]
 
     effects = None
-    w_u = unembedding(loaded, run.sae.d_in) if cfg.logit_tokens else None
+    w_u = unembedding(loaded, run.sae.d_in) if cfg.logit_tokens and loaded is not None else None
     if w_u is not None:
         effects = [e.tolist() for e in logit_effects(run.sae.W_dec.detach(), w_u, cfg.logit_tokens)]
         meta["logit_lens"] = True
@@ -415,6 +421,7 @@ def build_examples(
         "arch": sae.arch,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_result(path, run, meta, stream.load_model())
+    labels = stream.label_names()
+    write_result(path, run, meta, stream.load_model() if labels is None else None, labels)
     checkpoint.unlink(missing_ok=True)
     return ExamplesRun(path, run.rows_read, time.monotonic() - t0, resumed_at=resumed_at)

@@ -7,6 +7,7 @@ store, the harvester's stream place for on-the-fly harvesting.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,18 @@ class StoreStream:
             "model": self.store.manifest["model"],
             "corpus": self.store.manifest["corpus"],
         }
+
+    def label_names(self) -> list[str] | None:
+        """An image store's label names (its rows' token ids are image labels); None for text."""
+        if self.store.manifest["model"].get("modality") != "vision":
+            return None
+        from hsae.sources.vision import IMAGE_INDEX
+
+        index = Path(self.store.path) / IMAGE_INDEX
+        try:
+            return [str(name) for name in json.loads(index.read_text())["collection"]["labels"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise HsaeError(f"{index} cannot be read ({err}); harvest the images again") from None
 
     def load_model(self):
         """The model (and tokenizer) the store was harvested from: its recorded folder, else its name."""
@@ -88,6 +101,9 @@ class HarvestStream:
     def describe(self) -> dict[str, Any]:
         corpus = self.corpus.describe() if hasattr(self.corpus, "describe") else {"kind": "texts"}
         return {"kind": "model", "hook": self.hook, "model": self.loaded.describe(), "corpus": corpus}
+
+    def label_names(self) -> list[str] | None:
+        return None  # text: token ids are the tokenizer's
 
     def load_model(self):
         return self.loaded

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from hsae.errors import HsaeError
+from hsae.interpret.concepts import CONCEPTS_FILE
 from hsae.interpret.examples_db import Example
 from hsae.sources.images import IMAGE_SUFFIXES, ImageCollection, UnreadableImage, open_picture
 from hsae.sources.vision import IMAGE_INDEX
 from hsae.store import read_manifest
 
-CONCEPTS_FILE = "concepts.json"  # written by `hsae concepts` (hsae.cli.concepts)
 FOLDER_KINDS = ("image_folder", "tuxpaint")  # collections whose images are files under collection.path
 MAX_SIDE = 256  # pixels on a picture's long side: the page draws them 168 CSS px wide (x the pixel ratio)
 MAX_SHOWN = 12  # top images per feature
