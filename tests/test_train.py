@@ -82,8 +82,18 @@ RESUME_CASES = [(name, []) for name in sorted(hsae.families())] + [
     ("matryoshka", ["sampled_groups=true"]),
     # the first re-parenting event at step 18 moves children by the counts of steps 1-18, which span
     # the checkpoint at step 10
-    ("tree", ["selection=pool", "reparent=true", "capacity_mode=row", "realloc_first=0.3", "realloc_max=0.6",
-              "realloc_stop=0.9", "reparent_min_coverage=0.2"]),
+    (
+        "tree",
+        [
+            "selection=pool",
+            "reparent=true",
+            "capacity_mode=row",
+            "realloc_first=0.3",
+            "realloc_max=0.6",
+            "realloc_stop=0.9",
+            "reparent_min_coverage=0.2",
+        ],
+    ),
     ("forest", ["activation=topk", "level_fractions=1,3"]),
     ("mp", ["adaptive_stop=true"]),
 ]

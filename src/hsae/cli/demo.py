@@ -28,7 +28,9 @@ def demo(
     batch_size: int = typer.Option(2048, "--batch-size", help="Tokens per step"),
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Tokens to evaluate on"),
     vision: bool = typer.Option(
-        False, "--vision", help="The main job on images: EfficientNet-Lite0 on TuxPaint stamps, MSAE, eval over k, "
+        False,
+        "--vision",
+        help="The main job on images: EfficientNet-Lite0 on TuxPaint stamps, MSAE, eval over k, "
         "concept names (into runs/demo-vision unless --out says)",
     ),  # fmt: skip
 ) -> None:

@@ -175,9 +175,9 @@ def compare(
     model_dirs = [model_folder(spec)[0] for spec in models]
     # Every folder is checked before the first evaluation starts.
     _check_tokens(tokens)
-    models = [(model_dir, hsae.load(model_dir), *_open_for(model_dir, data, synthetic)) for model_dir in model_dirs]
+    opened = [(model_dir, hsae.load(model_dir), *_open_for(model_dir, data, synthetic)) for model_dir in model_dirs]
     reports = []
-    for model_dir, model, source, heldout in models:
+    for model_dir, model, source, heldout in opened:
         report = evaluate(
             model,
             source,

@@ -23,7 +23,7 @@ class Section:
     seconds: float | None = None  # how long the section took
 
     def to_json(self) -> dict[str, Any]:
-        out = {"skipped": self.skipped} if self.skipped else dict(self.metrics)
+        out: dict[str, Any] = {"skipped": self.skipped} if self.skipped else dict(self.metrics)
         if self.seconds is not None:
             out["seconds"] = round(self.seconds, 3)
         return out
