@@ -20,19 +20,16 @@ fi
 if "$PY" -m pip show torchvision >/dev/null 2>&1; then
   "$PY" -m pip uninstall --quiet -y torchvision
 fi
-if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sense ]; then
+# Debian packages, installed together when any is missing: WordNet (the demo's corpus and hierarchy),
+# Chromium (the feature browser's end-to-end test: Playwright drives it, no browser is downloaded) and
+# the TuxPaint stamps (the vision demo's images).
+APT=() BARE=()  # BARE: without recommended packages (the stamps would pull in the whole TuxPaint app)
+{ [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/wordnet/index.sense ]; } || APT+=(wordnet-base wordnet-sense-index)
+[ -x /usr/bin/chromium ] || APT+=(chromium)
+[ -d /usr/share/tuxpaint/stamps ] || BARE+=(tuxpaint-stamps-default)
+if [ $((${#APT[@]} + ${#BARE[@]})) -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null
-fi
-# Debian's Chromium for the feature browser's end-to-end test (Playwright drives it; no browser is downloaded).
-if [ ! -x /usr/bin/chromium ]; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
-fi
-if [ ! -d /usr/share/tuxpaint/stamps ]; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends tuxpaint-stamps-default >/dev/null
+  [ ${#APT[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
+  [ ${#BARE[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${BARE[@]}" >/dev/null
 fi
