@@ -71,7 +71,7 @@ def test_a_feature_shows_its_concepts_top_images_with_heatmaps(client, built):
         assert [i["id"] for i in images["items"]] == entry["top_images"]
         assert [i["value"] for i in images["items"]] == entry["top_values"]
         shown = [i["heatmap"] for i in images["items"]]
-        assert shown[: len(entry["heatmaps"])] == entry["heatmaps"] and all(h is None for h in shown[3:])
+        assert shown == entry["heatmaps"] and all(h is not None for h in shown)  # every top image has one
         first = images["items"][0]
         record = json.loads((built[0] / "images.json").read_text())["images"][first["id"]]
         assert (first["name"], first["label"], first["caption"]) == (record["name"], record["label"], record["caption"])
