@@ -76,8 +76,12 @@ class ForestConfig(SAEConfig):
         if self.k is None:
             raise HsaeError("the forest family needs --k (target L0 of all levels together)")
         super().validate()
-        if self.threshold_init <= 0 or self.bandwidth <= 0:
-            raise HsaeError("forest: threshold_init and bandwidth must be positive")
+        for name in ("threshold_init", "bandwidth"):
+            if not getattr(self, name) > 0:
+                raise HsaeError(f"forest: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("sparsity_coef", "l0_controller_rate", "rho"):
+            if not getattr(self, name) >= 0:
+                raise HsaeError(f"forest: {name} must be >= 0, got {getattr(self, name)}")
         if len(self.level_fractions) < 2 or any(f <= 0 for f in self.level_fractions):
             raise HsaeError("forest: level_fractions needs at least two positive numbers, e.g. 1,3")
         b = self.level_bounds()
@@ -94,10 +98,13 @@ class ForestConfig(SAEConfig):
             raise HsaeError(f"forest: activation must be jumprelu or topk, got {self.activation!r}")
         if self.similarity not in ("encoder", "decoder"):
             raise HsaeError(f"forest: similarity must be encoder or decoder, got {self.similarity!r}")
-        if not (0 <= self.perturb_rate <= 1 and 0 <= self.unassigned_fraction < 1 and 0 <= self.hierarchy_start <= 1):
-            raise HsaeError("forest: perturb_rate and hierarchy_start in [0, 1], unassigned_fraction in [0, 1)")
-        if self.rho < 0 or self.hierarchy_every < 1:
-            raise HsaeError("forest: rho >= 0 and hierarchy_every >= 1 are needed")
+        for name in ("perturb_rate", "hierarchy_start"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise HsaeError(f"forest: {name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.unassigned_fraction < 1:
+            raise HsaeError(f"forest: unassigned_fraction must be in [0, 1), got {self.unassigned_fraction}")
+        if self.hierarchy_every < 1:
+            raise HsaeError(f"forest: hierarchy_every must be >= 1 (steps), got {self.hierarchy_every}")
 
     def level_bounds(self) -> list[int]:
         return bounds_from_fractions(self.n_latents, self.level_fractions)

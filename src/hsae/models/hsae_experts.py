@@ -76,8 +76,9 @@ class HSAEConfig(SAEConfig):
     def validate(self) -> None:
         if self.k is None:
             raise HsaeError("the h-sae family needs --k (active latents per token, parents and children together)")
-        if self.m_low < 1 or self.subspace_dim < 1:
-            raise HsaeError("h-sae: m_low and subspace_dim must be >= 1")
+        for name in ("m_low", "subspace_dim"):
+            if getattr(self, name) < 1:
+                raise HsaeError(f"h-sae: {name} must be >= 1, got {getattr(self, name)}")
         if self.subspace_dim > self.d_in:
             raise HsaeError(f"h-sae: subspace_dim {self.subspace_dim} cannot exceed d_in {self.d_in}")
         if self.n_latents % (1 + self.m_low):
@@ -93,8 +94,13 @@ class HSAEConfig(SAEConfig):
                 f"below the number of top latents {self.n_top}"
             )
         for name in ("beta", "ortho_coef", "l1_coef"):
-            if getattr(self, name) < 0:
-                raise HsaeError(f"h-sae: {name} must be >= 0")
+            if not getattr(self, name) >= 0:
+                raise HsaeError(f"h-sae: {name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps < 1:
+            raise HsaeError(
+                "h-sae: warmup_steps must be >= 1 (1: the full loss weights from the first step), "
+                f"got {self.warmup_steps}"
+            )
 
 
 @register("h-sae")

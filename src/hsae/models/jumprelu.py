@@ -37,8 +37,9 @@ class JumpReLUConfig(PenaltyConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.threshold_init <= 0 or self.bandwidth <= 0:
-            raise HsaeError("threshold_init and bandwidth must be positive")
+        for name in ("threshold_init", "bandwidth"):
+            if not getattr(self, name) > 0:
+                raise HsaeError(f"jumprelu: {name} must be > 0, got {getattr(self, name)}")
 
 
 @register("jumprelu")

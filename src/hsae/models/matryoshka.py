@@ -66,10 +66,21 @@ class MatryoshkaConfig(BatchTopKConfig):
                 f"group_fractions {self.group_fractions} give an empty group with n_latents {self.n_latents}; "
                 "use fewer or larger groups"
             )
-        if self.sampled_groups and not (1 <= self.n_sampled_prefixes <= self.n_latents):
-            raise HsaeError("n_sampled_prefixes must be between 1 and n_latents")
+        if self.n_sampled_prefixes < 1 or (self.sampled_groups and self.n_sampled_prefixes > self.n_latents):
+            raise HsaeError(
+                f"matryoshka: n_sampled_prefixes must be between 1 and n_latents ({self.n_latents}), "
+                f"got {self.n_sampled_prefixes}"
+            )
         if not 1 <= self.min_prefix < max(2, self.n_latents):
-            raise HsaeError("min_prefix must be between 1 and n_latents-1")
+            raise HsaeError(
+                f"matryoshka: min_prefix must be between 1 and n_latents-1 ({self.n_latents - 1}), "
+                f"got {self.min_prefix}"
+            )
+        if not self.pareto_power > 0:
+            raise HsaeError(
+                f"matryoshka: pareto_power (the exponent of the prefix lengths' Pareto law) must be > 0, "
+                f"got {self.pareto_power}"
+            )
 
     def fixed_bounds(self) -> list[int]:
         return bounds_from_fractions(self.n_latents, self.group_fractions)

@@ -82,7 +82,7 @@ class MPConfig(SAEConfig):
         if self.encoder not in ("gram", "naive"):
             raise HsaeError(f"mp: encoder must be gram or naive, got {self.encoder!r}")
         if self.revive_coef < 0:
-            raise HsaeError("mp: revive_coef must be >= 0")
+            raise HsaeError(f"mp: revive_coef must be >= 0, got {self.revive_coef}")
         if not 0 <= self.stop_threshold < 1:
             raise HsaeError(
                 f"mp: stop_threshold must be in [0, 1) (a fraction of ||x - b_dec||), got {self.stop_threshold}"

@@ -32,9 +32,9 @@ class PenaltyConfig(SAEConfig):
     def validate(self) -> None:
         super().validate()
         if self.sparsity_coef < 0 or not math.isfinite(self.sparsity_coef):
-            raise HsaeError("sparsity_coef must be a finite number >= 0")
+            raise HsaeError(f"sparsity_coef must be a finite number >= 0, got {self.sparsity_coef}")
         if not 0 <= self.sparsity_warmup_fraction <= 1:
-            raise HsaeError("sparsity_warmup_fraction must be in [0, 1]")
+            raise HsaeError(f"sparsity_warmup_fraction must be in [0, 1], got {self.sparsity_warmup_fraction}")
         if self.l0_controller_rate < 0:
             raise HsaeError(f"l0_controller_rate must be >= 0, got {self.l0_controller_rate}")
 

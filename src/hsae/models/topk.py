@@ -54,7 +54,7 @@ class TopKConfig(SAEConfig):
             raise HsaeError(f"the {self.arch} family needs --k (active latents per token)")
         super().validate()
         if self.aux_coef < 0:
-            raise HsaeError("aux_coef must be >= 0")
+            raise HsaeError(f"aux_coef must be >= 0, got {self.aux_coef}")
         if self.aux_k is not None and self.aux_k <= 0:
             raise HsaeError(f"aux_k must be positive (or none: d_in // 2), got {self.aux_k}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -103,7 +103,12 @@ class TreeConfig(TopKConfig):
         if self.capacity_mode not in ("batch", "row"):
             raise HsaeError(f"capacity_mode must be 'batch' or 'row', got {self.capacity_mode!r}")
         if not 0 <= self.reparent_min_coverage <= 1:
-            raise HsaeError("reparent_min_coverage must be in [0, 1]")
+            raise HsaeError(f"tree: reparent_min_coverage must be in [0, 1], got {self.reparent_min_coverage}")
+        if not self.aux_coef_children >= 0:
+            raise HsaeError(f"tree: aux_coef_children must be >= 0, got {self.aux_coef_children}")
+        for name in ("realloc_first", "realloc_max", "realloc_stop"):
+            if not 0 < getattr(self, name) <= 1:
+                raise HsaeError(f"tree: {name} (a fraction of the run) must be in (0, 1], got {getattr(self, name)}")
         if self.selection not in ("gate", "pool"):
             raise HsaeError(f"selection must be 'gate' or 'pool', got {self.selection!r}")
         b = self.layer_bounds()
