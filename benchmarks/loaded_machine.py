@@ -1,7 +1,7 @@
 """Training speed on a loaded machine: a tiny TopK SAE (d 96, 512 latents, k 4, batch 1024) with 0, 1
 and 4 other CPU-bound processes running, under OpenMP's spin-waiting (`OMP_WAIT_POLICY=ACTIVE`, what
-hsae did before hsae.runtime) and hsae's default (passive waiting, threads = usable CPUs), and with
-one thread.
+hsae did before hsae.runtime), passive waiting on every usable CPU, hsae's default (passive waiting,
+threads = the usable CPUs other runnable processes leave idle), and one thread.
 
     python benchmarks/loaded_machine.py                 # the table
     python benchmarks/loaded_machine.py --steps 400     # longer runs
@@ -75,9 +75,13 @@ def main() -> None:
     ap.add_argument("--competitors", default="0,1,4", help="comma list of competing busy processes")
     args = ap.parse_args()
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    from hsae.runtime import usable_cpus
+
+    every_cpu = str(usable_cpus())
     setups = {
-        "spin-waiting (before)": {**base, "OMP_WAIT_POLICY": "ACTIVE"},
-        "hsae default (passive)": base,
+        "spin-waiting (before)": {**base, "OMP_WAIT_POLICY": "ACTIVE", "HSAE_THREADS": every_cpu},
+        "passive, every usable CPU": {**base, "HSAE_THREADS": every_cpu},
+        "hsae default (passive, idle CPUs)": base,
         "one thread": {**base, "HSAE_THREADS": "1"},
     }
     competitors = [int(c) for c in args.competitors.split(",")]
@@ -94,8 +98,8 @@ def main() -> None:
         cells = []
         for c in competitors:
             tps = results[(name, c)]["tokens_per_s"]
-            cells.append(f"{tps:,.0f} ({tps / quiet:.2f}x)")
-        table.add_row(f"{name}, {results[(name, competitors[0])]['threads']} threads", *cells)
+            cells.append(f"{tps:,.0f} ({tps / quiet:.2f}x, {results[(name, c)]['threads']} thr)")
+        table.add_row(name, *cells)
     Console(width=140).print(table)
 
 

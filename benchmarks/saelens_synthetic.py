@@ -404,9 +404,9 @@ class Held:
     parents: torch.Tensor
 
 
-# What post-hoc extraction did before issue 16 (coverage alone; the only options it had then), so
-# that runs of either version report it, beside the current default.
-COVERAGE_ONLY = ForestOptions(min_coverage=0.6, min_cosine=-0.25, min_fires=10)
+# What post-hoc extraction did before issue 16 (coverage alone: no lift test, best coverage), reported
+# beside the current default.
+COVERAGE_ONLY = ForestOptions(min_coverage=0.6, min_cosine=-0.25, min_fires=10, min_lift=0.0, rank="coverage")
 
 
 def criteria_scores(t: Trained, held: Held, lat: torch.Tensor) -> dict[str, list[float]]:

@@ -60,9 +60,9 @@ def test_every_python_block_runs_as_written(workdir, monkeypatch, capsys):
 def _commands() -> set[str]:
     import typer
 
-    from hsae.cli import _load_commands, app
+    from hsae.cli import app, load_commands
 
-    _load_commands()
+    load_commands()
     return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
 

@@ -43,3 +43,39 @@ def test_threads_follow_the_usable_cpus_or_the_users_choice(monkeypatch):
         assert configure_threads() == usable_cpus()
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_leave_out_the_cpus_other_runnable_processes_occupy(monkeypatch):
+    import hsae.runtime as runtime
+
+    assert runtime.other_runnable_processes() >= 0
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(runtime, "other_runnable_processes", lambda: 3)
+    assert runtime.idle_cpus() == 1
+    monkeypatch.setattr(runtime, "other_runnable_processes", lambda: 9)
+    assert runtime.idle_cpus() == 1  # never none
+    monkeypatch.setattr(runtime, "other_runnable_processes", lambda: 1)
+    assert runtime.idle_cpus() == 3
+    # Inside a CPU set the machine-wide run queue says nothing about this process's share.
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(runtime, "other_runnable_processes", lambda: 40)
+    assert runtime.idle_cpus() == 4
+
+
+def test_a_busy_machine_starts_hsae_on_fewer_threads():
+    import time
+
+    from hsae.runtime import usable_cpus
+
+    if usable_cpus() < 2 or usable_cpus() < (os.cpu_count() or 1):
+        pytest.skip("needs a machine of 2+ CPUs that this process may all use")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cpus())]
+    try:
+        time.sleep(0.3)
+        threads = int(_fresh("import hsae, torch; print(torch.get_num_threads())"))
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert threads < usable_cpus()

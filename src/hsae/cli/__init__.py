@@ -28,6 +28,8 @@ app = typer.Typer(
     help="Hierarchical sparse autoencoders: train, evaluate and browse feature forests.",
     no_args_is_help=True,
     add_completion=False,
+    # Help strings hold literal brackets (hf://owner/repo[/folder]); rich would read them as markup.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
@@ -44,7 +46,8 @@ def _options(
     _debug["on"] = debug
 
 
-def _load_commands() -> None:
+def load_commands() -> None:
+    """Import every command module, which registers its commands on `app`."""
     global _loaded
     if _loaded:
         return
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     import click
 
-    _load_commands()
+    load_commands()
     _debug["on"] = False
     warnings.showwarning = _show_warning
     try:

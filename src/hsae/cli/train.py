@@ -61,7 +61,7 @@ def resolve_steps(steps: int | None, tokens: int | None, tokens_per_step: int) -
 @app.command()
 def train(
     arch: str = typer.Option(
-        ..., help="SAE family: relu, topk, batchtopk, jumprelu, matryoshka, mp, h-sae, forest, tree"
+        ..., help="SAE family: relu, topk, batchtopk, jumprelu, matryoshka, msae, mp, h-sae, forest, tree"
     ),
     data: str | None = typer.Option(
         None,
@@ -82,8 +82,8 @@ def train(
     out: Path = typer.Option(..., help="Output folder (config.json, weights.safetensors, checkpoint, metrics)"),
     k: int | None = typer.Option(
         None,
-        help="Active latents per token (default: the family's own, 32 for topk, batchtopk, matryoshka, mp, "
-        "h-sae and tree, 50 for forest); the L0 target for relu/jumprelu (default: none, their penalty alone)",
+        help="Active latents per token (default: the family's own, 32 for topk, batchtopk, matryoshka, msae, "
+        "mp, h-sae and tree, 50 for forest); the L0 target for relu/jumprelu (default: none, their penalty alone)",
     ),
     steps: int | None = typer.Option(None, help="Training steps (default 1000; or give --tokens)"),
     tokens: int | None = typer.Option(None, help="Token budget instead of --steps: steps = tokens / batch size"),
