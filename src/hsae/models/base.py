@@ -115,7 +115,10 @@ class SAE(nn.Module, Generic[C]):
         # A forest found post hoc (interpret/) for families without one built in; -1 = root.
         self.register_buffer("parents", torch.full((config.n_latents,), -1, dtype=torch.long))
         self.create_weights()
-        self.reset_parameters()
+        # On the meta device (parameter_count) there are no values to set, and drawing them would
+        # load torch's reference ops (torch._dynamo, sympy: a second of start-up).
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
 
     def create_weights(self) -> None:
         """The encoder/decoder pair W_enc, b_enc, W_dec, b_dec (values are set by reset_parameters)."""

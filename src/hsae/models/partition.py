@@ -25,5 +25,8 @@ def bounds_from_fractions(n_latents: int, fractions: Sequence[float]) -> list[in
 
 def group_of_latents(bounds: Sequence[int]) -> torch.Tensor:
     """The group index of every latent, LongTensor (bounds[-1],), from cut points [0, ..., n]."""
-    sizes = torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
-    return torch.arange(len(sizes)).repeat_interleave(sizes)
+    # Built from Python ints: tensor arithmetic on the meta device (base.parameter_count) would load
+    # torch's reference ops (a second of start-up).
+    return torch.tensor(
+        [g for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) for _ in range(hi - lo)], dtype=torch.long
+    )
