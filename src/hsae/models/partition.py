@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -28,5 +29,5 @@ def group_of_latents(bounds: Sequence[int]) -> torch.Tensor:
     # Built from Python ints: tensor arithmetic on the meta device (base.parameter_count) would load
     # torch's reference ops (a second of start-up).
     return torch.tensor(
-        [g for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) for _ in range(hi - lo)], dtype=torch.long
+        [g for g, (lo, hi) in enumerate(itertools.pairwise(bounds)) for _ in range(hi - lo)], dtype=torch.long
     )
