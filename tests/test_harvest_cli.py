@@ -75,6 +75,19 @@ def test_harvest_bad_input_exits_2(tmp_path, corpus_file, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_harvest_in_bfloat16_is_recorded_and_close_to_float32(tmp_path, corpus_file):
+    common = ["harvest", "--tokens", "400", "--corpus", str(corpus_file), "-q"]
+    assert main([*common, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*common, "--out", str(tmp_path / "bf16"), "--compute-dtype", "bfloat16"]) == 0
+    fp32, bf16 = ActivationStore.open(tmp_path / "fp32"), ActivationStore.open(tmp_path / "bf16")
+    assert bf16.manifest["harvest"]["compute_dtype"] == "bfloat16"
+    assert "compute_dtype" not in fp32.manifest["harvest"]
+    a, b = fp32.read_shard(0)["activations"], bf16.read_shard(0)["activations"]
+    assert a.shape == b.shape == (400, 384)
+    assert ((a - b).norm() / a.norm()).item() < 0.05
+    assert main([*common, "--out", str(tmp_path / "bad"), "--compute-dtype", "float8"]) == 2
+
+
 def test_hooks_lists_modules_and_widths(capsys):
     assert main(["hooks"]) == 0
     printed = capsys.readouterr().out

@@ -37,6 +37,12 @@ def harvest(
         DEFAULT_SORT_WINDOW, "--sort-window", help="Documents sorted by length together (less padding)"
     ),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"),
+    compute_dtype: str = typer.Option(
+        "float32",
+        "--compute-dtype",
+        help="The model's forward: float32, or bfloat16 autocast (2.5-2.7x faster on a CPU with bf16 "
+        "matmuls, relative error ~4e-3; recorded in the manifest)",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (the final line is still printed)"),
 ) -> None:
     """Harvest a model's activations on a corpus into a sharded store (resumes an interrupted one)."""
@@ -59,6 +65,7 @@ def harvest(
         max_length=max_length,
         keep_special=keep_special,
         sort_window=sort_window,
+        compute_dtype=compute_dtype,
     )
     if quiet:
         store = harvest_to_store(out, harvester, documents, tokens=tokens, dtype=dtype, shard_rows=shard_rows)
