@@ -71,7 +71,7 @@ def test_data_and_corpus_together_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not wordnet_available(), reason="Debian's wordnet-base is not installed (scripts/setup.sh)")
-def test_demo_end_to_end_tiny(tmp_path):
+def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     args = [
         "demo",
@@ -91,6 +91,8 @@ def test_demo_end_to_end_tiny(tmp_path):
         "1024",
     ]
     assert main(args) == 0
+    said = capsys.readouterr()
+    assert "passes over the" in said.out and "training reads the data" not in said.err  # said once, as a choice
     report = json.loads((out / "topk" / "eval" / "report.json").read_text())
     core = report["sections"]["core"]
     heldout_rows = ActivationStore.open(out / "store", split="heldout").epoch_rows()

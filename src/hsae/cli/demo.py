@@ -10,11 +10,13 @@ finished.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import typer
 
 from hsae.cli import app
+from hsae.errors import HsaeWarning
 
 
 @app.command()
@@ -63,7 +65,11 @@ def demo(
         )
     store = ActivationStore.open(store_dir, split="train")  # every 20th document held out for the evaluation
 
-    typer.echo(f"[2/6] train {arch} ({n_latents} latents, k={k}, {steps} steps) -> {model_dir}")
+    passes = steps * batch_size / store.epoch_rows()
+    typer.echo(
+        f"[2/6] train {arch} ({n_latents} latents, k={k}, {steps} steps: {passes:.1f} passes over the "
+        f"{store.epoch_rows()} training rows, a demo's budget) -> {model_dir}"
+    )
     family = get_family(arch)
     sae_cfg = from_dict(family.config_class, {"arch": arch, "d_in": store.d_in, "n_latents": n_latents, "k": k})
     train_cfg = TrainConfig(
@@ -77,7 +83,9 @@ def demo(
         typer.echo(f"      reusing the finished model in {model_dir}")
     else:
         resume = (model_dir / "checkpoint.safetensors").exists()
-        Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
+        with warnings.catch_warnings():  # the repeated passes are said above, as the demo's choice
+            warnings.filterwarnings("ignore", "training reads the data", HsaeWarning)
+            Trainer(sae_cfg, train_cfg, store, model_dir, resume=resume).run()
 
     typer.echo(f"[3/6] evaluate on {eval_tokens} tokens -> {model_dir / 'eval'}")
     from hsae.cli.evaluate import run_eval
