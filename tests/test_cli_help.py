@@ -25,3 +25,15 @@ def test_help_prints(command, capsys):
     assert code in (0, None)
     out = capsys.readouterr().out
     assert f" {command} [OPTIONS]" in out and "--help" in out
+
+
+def test_train_help_names_every_registered_family(capsys):
+    import hsae
+
+    try:
+        main(["train", "--help"])
+    except SystemExit:
+        pass
+    out = " ".join(capsys.readouterr().out.split())
+    missing = [name for name in hsae.families() if name not in out]
+    assert not missing, f"hsae train --help does not name {missing}"
