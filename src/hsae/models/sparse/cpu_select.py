@@ -247,6 +247,18 @@ if NUMBA_IMPORTED:
             for q in range(starts[r], starts[r] + e):
                 pos[q] += r * m
 
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def _scatter_by_latent(cols, vals, bag_offsets, cursor, bags_out, vals_out):  # pragma: no cover - compiled
+        """Stable counting sort of CSR entries by latent: entry e of bag b goes to cursor[cols[e]]
+        (cursor starts at each latent's CSR start and moves on), with its bag and value."""
+        for b in range(bag_offsets.shape[0] - 1):
+            for e in range(bag_offsets[b], bag_offsets[b + 1]):
+                c = cols[e]
+                p = cursor[c]
+                cursor[c] = p + 1
+                bags_out[p] = b
+                vals_out[p] = vals[e]
+
 
 def entries_at_least(pre: Tensor, thr: float, size: int) -> tuple[Tensor, Tensor]:
     """(flat row-major positions, values) of the entries of `pre` (n, m) that are > 0 and >= thr,
@@ -310,3 +322,16 @@ def select_topk(
         v, i = pre.index_select(0, rows).topk(k, dim=-1, sorted=False)
         values[rows], indices[rows] = v.relu_(), i
     return values, indices
+
+
+def scatter_by_latent(cols: Tensor, vals: Tensor, bag_offsets: Tensor, ptr: Tensor) -> tuple[Tensor, Tensor]:
+    """(bags, values) of CSR entries (cols, vals over bags `bag_offsets`; CPU, contiguous) in latent
+    order, the entries of a latent in their original order (what a stable sort by latent gives),
+    `ptr` the (n_latents + 1,) CSR pointer of the latents: one pass, no permutation array. Bags come
+    in ptr's dtype."""
+    cursor = ptr[:-1].numpy().astype(np.int64)
+    bags_out = torch.empty(cols.numel(), dtype=ptr.dtype)
+    vals_out = torch.empty_like(vals)
+    with _lock:
+        _scatter_by_latent(cols.numpy(), vals.numpy(), bag_offsets.numpy(), cursor, bags_out.numpy(), vals_out.numpy())
+    return bags_out, vals_out

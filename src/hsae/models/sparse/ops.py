@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hsae.models.sparse import cpu_select
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,6 +55,70 @@ def group_by_latent(cols: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
     ptr = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
     return order, ptr
+
+
+def sort_entries_by_latent(
+    entries: list[Tensor], bag_offsets: Tensor, n_latents: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(bags, values, ptr) of CSR entries [cols, vals] (bags `bag_offsets`) sorted by latent, the
+    entries of a latent in their original order, with the (n_latents + 1,) CSR pointer of the
+    latents (which gives each sorted entry's latent); bags and ptr in `dtype` (int32 where they fit).
+    `entries` is emptied, so the caller's unsorted arrays are freed once used. On the CPU one compiled
+    pass (cpu_select.scatter_by_latent) writes the sorted arrays without an int64 permutation;
+    elsewhere a stable sort of the latent ids."""
+    cols, vals = entries
+    entries.clear()
+    ptr = torch.zeros(n_latents + 1, dtype=dtype, device=cols.device)
+    torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
+    if cols.device.type == "cpu" and cpu_select.enabled() and cols.is_contiguous() and vals.is_contiguous():
+        try:
+            bags_s, vals_s = cpu_select.scatter_by_latent(cols, vals, bag_offsets, ptr)
+        except cpu_select.CompileError as err:  # go on with the torch ops below
+            cpu_select.disable(err)
+        else:
+            return bags_s, vals_s, ptr
+    cols_n = cols.to(dtype)
+    del cols
+    order = cols_n.sort(stable=True).indices
+    del cols_n
+    bags_s = (
+        torch.arange(bag_offsets.numel() - 1, device=order.device, dtype=dtype)
+        .repeat_interleave(bag_offsets.diff(), output_size=order.numel())
+        .index_select(0, order)
+    )
+    vals_s = vals.index_select(0, order)
+    return bags_s, vals_s, ptr
+
+
+# Latents per block of `value_grads_` (its per-block latent ids and gradients stay small).
+VALUE_GRAD_BLOCK = 128
+
+
+def value_grads_(vals: Tensor, G: Tensor, W_dec: Tensor, bags: Tensor, bag_offsets: Tensor, ptr: Tensor) -> Tensor:
+    """Overwrite the values of entries sorted by latent (CSR pointer `ptr`, bags `bags` of the
+    pointer `bag_offsets`) with their gradients G[bag] . W_dec[latent], passed where the value is > 0
+    (ReLU); returns their sum per latent (n_latents,). On the CPU `VALUE_GRAD_BLOCK` latents at a
+    time, each block's latent ids made from `ptr`, so no per-entry latent or gradient array exists
+    besides `vals` (a GPU takes them all at once)."""
+    m = ptr.numel() - 1
+    gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
+    step = max(1, m if vals.device.type != "cpu" else VALUE_GRAD_BLOCK)
+    cuts = ptr[::step].tolist() + ([int(ptr[m])] if m % step else [])
+    offsets = bag_offsets[:-1].to(ptr.dtype)  # embedding_bag's ids and offsets share one dtype
+    for blk, j0 in enumerate(range(0, m, step)):
+        j1 = min(m, j0 + step)
+        p0, p1 = cuts[blk], cuts[blk + 1]
+        if p1 == p0:
+            continue
+        local = torch.repeat_interleave(ptr[j0 : j1 + 1].diff(), output_size=p1 - p0)  # latent - j0
+        g = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            G, W_dec, local.add_(j0), offsets, bags[p0:p1], 0, -1
+        )
+        v = vals[p0:p1]
+        g.mul_(v > 0)  # ReLU: no gradient where the value was clipped to 0
+        v.copy_(g)
+        gb[j0:j1].index_add_(0, local.sub_(j0), g)
+    return gb
 
 
 def segment_sum(rows: Tensor, weights: Tensor, table: Tensor, order: Tensor, ptr: Tensor) -> Tensor:

@@ -102,6 +102,19 @@ def masked_topk_select(pre: Tensor, cols: Tensor, k: int) -> tuple[Tensor, Tenso
     return values.relu_(), cols[pos]
 
 
+# Rows per block of `masked_topk_into` (its (rows, len(cols)) gather and top-k temporaries stay small).
+_MASKED_ROWS = 64
+
+
+@torch.no_grad()
+def masked_topk_into(pre: Tensor, cols: Tensor, k: int, values: Tensor, indices: Tensor) -> None:
+    """`masked_topk_select` written into `values` / `indices` ((n, k); latent ids in indices' dtype),
+    `_MASKED_ROWS` rows at a time (each row's selection is the same; the temporaries stay small)."""
+    for r0 in range(0, pre.shape[0], _MASKED_ROWS):
+        r1 = min(pre.shape[0], r0 + _MASKED_ROWS)
+        values[r0:r1], indices[r0:r1] = masked_topk_select(pre[r0:r1], cols, k)
+
+
 def _block_maxima(pre: Tensor, min_blocks: int) -> Tensor:
     """Maxima of disjoint groups of entries of each row (strided groups, a fast reduction), with at
     least `min_blocks` groups per row. Any of them is an entry of its row."""
@@ -368,14 +381,14 @@ def encode_topk_chunked(
     aux = dead_cols is not None and k_aux > 0
     if aux:
         aux_values = torch.empty(n, k_aux, dtype=W_enc.dtype, device=xc.device)
-        aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=xc.device)
+        aux_indices = torch.empty(n, k_aux, dtype=dead_cols.dtype, device=xc.device)  # type: ignore[union-attr]
     for s, pre in iter_pre_chunks(
         xc, W_enc, b_enc, scale=scale, b_dec=b_dec, compute_dtype=compute_dtype, chunk_rows=chunk_rows
     ):
         e = s + pre.shape[0]
         topk_select(pre, k, values[s:e], indices[s:e])
         if dead_cols is not None and aux:
-            aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
+            masked_topk_into(pre, dead_cols, k_aux, aux_values[s:e], aux_indices[s:e])
         if screened:
             rows = xc[s:e] * scale if scale != 1.0 else xc[s:e]
             rows = rows - b_dec if b_dec is not None else rows
@@ -410,14 +423,14 @@ def encode_batch_topk_chunked(
     aux = dead_cols is not None and k_aux > 0
     if aux:
         aux_values = torch.empty(n, k_aux, dtype=W_enc.dtype, device=x.device)
-        aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=x.device)
+        aux_indices = torch.empty(n, k_aux, dtype=dead_cols.dtype, device=x.device)  # type: ignore[union-attr]
     kw: dict[str, Any] = dict(scale=scale, b_dec=b_dec, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
     col = BatchTopKCollector(n, m, k, hint=hint, device=x.device, dtype=W_enc.dtype)
     for s, pre in iter_pre_chunks(x, W_enc, b_enc, **kw):
         col.add(pre, s)
         if dead_cols is not None and aux:
             e = s + pre.shape[0]
-            aux_values[s:e], aux_indices[s:e] = masked_topk_select(pre, dead_cols, k_aux)
+            masked_topk_into(pre, dead_cols, k_aux, aux_values[s:e], aux_indices[s:e])
     out = col.finish()
     recomputed = out is None
     if out is None:

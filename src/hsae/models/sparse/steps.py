@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from hsae.models.auxk import aux_plan
@@ -119,7 +120,9 @@ class FusedTopKStep:
         cfg = model.config
         dead_cols, k_aux = aux_plan(model, ctx)
         dense = dead_cols is not None and x.shape[0] * dead_cols.numel() <= self.dense_auxk_max_elements
-        selection = self.selection(model, x, None if dense else dead_cols, k_aux, self.chunk_rows)
+        # The AuxK entries' latent ids come in dead_cols' dtype: int32 halves the (n, k_aux) ids.
+        sel_dead = None if dense or dead_cols is None else dead_cols.to(torch.int32)
+        selection = self.selection(model, x, sel_dead, k_aux, self.chunk_rows)
         dense_aux = None
         if dense:
             assert dead_cols is not None

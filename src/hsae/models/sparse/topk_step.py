@@ -18,8 +18,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hsae.models.sparse.ops import bag_sum_blocks, encoder_matmul, segment_sum_into, segment_sum_transposed
+from hsae.models.sparse.ops import (
+    bag_sum_blocks,
+    encoder_matmul,
+    segment_sum_into,
+    segment_sum_transposed,
+    sort_entries_by_latent,
+    value_grads_,
+)
 from hsae.models.sparse.selection import TopKSelection
+
+# Rows per block of the dense AuxK block's ReLU mask (`dense_aux_backward`).
+_MASK_ROWS = 256
+# Latents per block of the grad-W_dec segment sum (its per-block output stays small: peak memory).
+WDEC_BLOCK = 128
 
 
 def dense_aux_forward(
@@ -45,7 +57,9 @@ def dense_aux_backward(
     A.mul_(g_aux * (2 * aux_coef / max(1, A.shape[0])))
     W_dead = W_dec.index_select(0, dead_cols)
     grad_w_dead = aux_z.t() @ A
-    grad_z = (A @ W_dead.t()).mul_(aux_z > 0)
+    grad_z = A @ W_dead.t()
+    for r0 in range(0, grad_z.shape[0], _MASK_ROWS):  # row blocks: the mask's temporaries stay small
+        grad_z[r0 : r0 + _MASK_ROWS].mul_(aux_z[r0 : r0 + _MASK_ROWS] > 0)
     return grad_z, grad_w_dead
 
 
@@ -146,39 +160,30 @@ class _SparseTopKStep(torch.autograd.Function):
         # From here on every per-entry array is in latent order, and each unsorted one is released
         # as soon as it is not needed: with many dead latents the AuxK entries outnumber the codes'
         # several times and these arrays are the step's peak (issue 18).
-        # int32 entry ids where they fit: half the memory of the per-entry arrays
+        # Latent order without an int64 permutation on the CPU (sort_entries_by_latent), bag ids int32
+        # where they fit (half the memory of int64 ones); the sorted entries' latents are not stored
+        # (ptr gives them); the value gradients overwrite the values (value_grads_).
         narrow = torch.int32 if max(cols.numel(), n_bags, m) < 2**31 else torch.long
-        ptr = torch.zeros(m + 1, dtype=narrow, device=cols.device)
-        torch.cumsum(torch.bincount(cols, minlength=m), 0, out=ptr[1:])
-        # sorting the (narrow) latent ids gives them in latent order and the permutation at once
-        # (the same sort as group_by_latent's argsort)
-        cols_sorted, order = cols.to(narrow).sort()
-        del cols
-        bags_sorted = (
-            torch.arange(n_bags, device=order.device, dtype=narrow)
-            .repeat_interleave(bag_offsets.diff(), output_size=order.numel())
-            .index_select(0, order)
-        )
-        vals_sorted = vals.index_select(0, order)
-        del vals, order
+        entries = [cols, vals]
+        del cols, vals
+        bags_sorted, vals_sorted, ptr = sort_entries_by_latent(entries, bag_offsets, m, narrow)
         if need_wd:
             grad_wd = torch.empty_like(W_dec)
-            segment_sum_into(grad_wd, 0, m, bags_sorted, vals_sorted, G, ptr)
+            segment_sum_into(grad_wd, 0, m, bags_sorted, vals_sorted, G, ptr, WDEC_BLOCK)
             if grad_wd_dead is not None:
                 grad_wd.index_add_(0, dead_cols, grad_wd_dead)
         del grad_wd_dead
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 8)
-        # the value gradients G[bag] . W_dec[latent], entry by entry, straight in latent order
-        g_sorted = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            G, W_dec, cols_sorted, bag_offsets[:-1].to(narrow), bags_sorted, 0, -1
-        )
-        del G
-        g_sorted.mul_(vals_sorted > 0)  # ReLU: no gradient where the value was clipped to 0
+        # the value gradients G[bag] . W_dec[latent] (ReLU'd), in place of the values, and their sum
+        # per latent (grad b_enc's share of the entries)
+        g_sorted = vals_sorted
         del vals_sorted
+        gb = value_grads_(g_sorted, G, W_dec, bags_sorted, bag_offsets, ptr)
+        del G
         grad_we, grad_be = encoder_grads(
-            W_enc, x, s, b_dec, cols_sorted, g_sorted, bags_sorted, ptr, n, grad_bd, need_we, need_be, grad_z,
-            dead_cols,
+            W_enc, x, s, b_dec, None, g_sorted, bags_sorted, ptr, n, grad_bd, need_we, need_be, grad_z,
+            dead_cols, gb,
         )  # fmt: skip
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
 
@@ -188,7 +193,7 @@ def encoder_grads(
     x: Tensor,
     scale: float,
     b_dec: Tensor,
-    cols: Tensor,
+    cols: Tensor | None,
     g: Tensor,
     bags: Tensor,
     ptr: Tensor,
@@ -198,12 +203,17 @@ def encoder_grads(
     need_be: bool,
     grad_z: Tensor | None = None,
     dead_cols: Tensor | None = None,
+    gb: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(grad W_enc, grad b_enc) from the gradients g of the selected pre-activations, entries sorted
     by latent (cols, bags with CSR pointer ptr; bags >= n are AuxK bags of token bag - n), plus a dense
     AuxK block's value gradients grad_z over `dead_cols`; grad_bd gets the encoder's share,
-    -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec)."""
-    gb = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
+    -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec). `gb`, if
+    given, is the entries' sum of g per latent already (`cols` is then not read) and gets the dense
+    block's share in place."""
+    if gb is None:
+        assert cols is not None
+        gb = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
     if grad_z is not None and dead_cols is not None:
         gb.index_add_(0, dead_cols, grad_z.sum(0))
     if grad_bd is not None:
@@ -217,29 +227,37 @@ def encoder_grads(
     return grad_we, (gb if need_be else None)
 
 
-def selection_entries(sel: TopKSelection) -> tuple[Tensor, Tensor, Tensor]:
+def selection_entries(sel: TopKSelection, index_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor, Tensor]:
     """CSR (cols, vals, bag_offsets) of a selection's codes (bags 0..n-1) and, if any, its AuxK
-    entries with a value > 0 (bags n..2n-1; the others contribute nothing)."""
+    entries with a value > 0 (bags n..2n-1; the others contribute nothing); cols and bag_offsets in
+    `index_dtype` (embedding_bag takes int32 or int64 ids, both of one dtype)."""
     if sel.offsets is None:
         n, k = sel.indices.shape
         cols, vals = sel.indices.reshape(-1), sel.values.reshape(-1)
-        offsets = torch.arange(0, n * k + 1, max(1, k), device=cols.device)[: n + 1]
+        offsets = torch.arange(0, n * k + 1, max(1, k), device=cols.device, dtype=index_dtype)[: n + 1]
     else:
-        cols, vals, offsets = sel.indices, sel.values, sel.offsets
+        cols, vals, offsets = sel.indices, sel.values, sel.offsets.to(index_dtype)
     if sel.aux_values is None:
-        return cols, vals, offsets
+        return cols.to(index_dtype), vals, offsets
     assert sel.aux_indices is not None
     live = sel.aux_values > 0
-    aux_off = torch.zeros(live.shape[0], dtype=torch.long, device=cols.device)
+    aux_off = torch.zeros(live.shape[0], dtype=index_dtype, device=cols.device)
     torch.cumsum(live.sum(1), 0, out=aux_off)
     aux_cols, aux_vals = sel.aux_indices.reshape(-1), sel.aux_values.reshape(-1)
     if not bool(live.all()):  # flat positions of the live entries, found once for both arrays
         keep = live.reshape(-1).nonzero().squeeze(1)
         aux_cols, aux_vals = aux_cols.index_select(0, keep), aux_vals.index_select(0, keep)
+        del keep
+    del live
+    n_code = cols.numel()
+    all_cols = torch.empty(n_code + aux_cols.numel(), dtype=index_dtype, device=cols.device)
+    all_cols[:n_code] = cols
+    all_cols[n_code:] = aux_cols
+    del aux_cols
     return (
-        torch.cat([cols, aux_cols]),
+        all_cols,
         torch.cat([vals, aux_vals]),
-        torch.cat([offsets, aux_off.add_(cols.numel())]),
+        torch.cat([offsets, aux_off.add_(n_code)]),
     )
 
 
@@ -283,7 +301,12 @@ def sparse_topk_step(
     selection's sparse AuxK entries or from `dense_aux` = (dead latent ids, `dense_aux_codes`). Both
     backpropagate to W_enc, b_enc, W_dec and b_dec through the selected entries only
     (`_SparseTopKStep`)."""
-    cols, vals, offsets = selection_entries(sel)
+    # With AuxK entries the concatenated ids are a new array: int32 where they fit (half the memory);
+    # the codes alone pass as they are (no copy).
+    index_dtype = torch.long
+    if sel.aux_indices is not None and sel.indices.numel() + sel.aux_indices.numel() + 2 * x.shape[0] < 2**31:
+        index_dtype = torch.int32
+    cols, vals, offsets = selection_entries(sel, index_dtype)
     has_aux = sel.aux_values is not None
     # The AuxK entries now live in (cols, vals): drop the selection's copies before the decoder runs.
     sel.aux_values = sel.aux_indices = None
