@@ -94,19 +94,34 @@ def sort_entries_by_latent(
 VALUE_GRAD_BLOCK = 128
 
 
-def value_grads_(vals: Tensor, G: Tensor, W_dec: Tensor, bags: Tensor, bag_offsets: Tensor, ptr: Tensor) -> Tensor:
+def value_grads_(
+    vals: Tensor,
+    G: Tensor,
+    W_dec: Tensor,
+    bags: Tensor,
+    bag_offsets: Tensor,
+    ptr: Tensor,
+    lo: int = 0,
+    hi: int | None = None,
+    gb: Tensor | None = None,
+) -> Tensor:
     """Overwrite the values of entries sorted by latent (CSR pointer `ptr`, bags `bags` of the
-    pointer `bag_offsets`) with their gradients G[bag] . W_dec[latent], passed where the value is > 0
-    (ReLU); returns their sum per latent (n_latents,). On the CPU `VALUE_GRAD_BLOCK` latents at a
-    time, each block's latent ids made from `ptr`, so no per-entry latent or gradient array exists
-    besides `vals` (a GPU takes them all at once)."""
+    pointer `bag_offsets`) of latents lo..hi-1 (default all) with their gradients
+    G[bag] . W_dec[latent], passed where the value is > 0 (ReLU); adds their sums per latent into
+    gb[lo:hi] (a new zero (n_latents,) tensor by default) and returns gb. On the CPU
+    `VALUE_GRAD_BLOCK` latents at a time, each block's latent ids made from `ptr`, so no per-entry
+    latent or gradient array exists besides `vals` (a GPU takes them all at once)."""
     m = ptr.numel() - 1
-    gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
-    step = max(1, m if vals.device.type != "cpu" else VALUE_GRAD_BLOCK)
-    cuts = ptr[::step].tolist() + ([int(ptr[m])] if m % step else [])
+    hi = m if hi is None else hi
+    if gb is None:
+        gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
+    if hi <= lo:
+        return gb
+    step = max(1, hi - lo if vals.device.type != "cpu" else VALUE_GRAD_BLOCK)
+    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
     offsets = bag_offsets[:-1].to(ptr.dtype)  # embedding_bag's ids and offsets share one dtype
-    for blk, j0 in enumerate(range(0, m, step)):
-        j1 = min(m, j0 + step)
+    for blk, j0 in enumerate(range(lo, hi, step)):
+        j1 = min(hi, j0 + step)
         p0, p1 = cuts[blk], cuts[blk + 1]
         if p1 == p0:
             continue

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.sparse.ops import group_by_latent, segment_sum_into
+from hsae.models.sparse.ops import segment_sum_into, sort_entries_by_latent, value_grads_
 from hsae.models.sparse.selection import TopKSelection
 from hsae.models.sparse.topk_step import (
     dense_aux_forward,
@@ -57,25 +57,28 @@ def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) ->
 ADD_ROWS = 512
 
 
-def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, alpha: float) -> None:
-    """E += alpha * (decoded bags), bags given by the CSR pointer `offsets` (n + 1,) into cols/vals,
-    in row blocks."""
+def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, alpha: float | None) -> None:
+    """E += alpha * (decoded bags) (alpha None: E = decoded bags), bags given by the CSR pointer
+    `offsets` (n + 1,) into cols/vals, in row blocks."""
     n = E.shape[0]
     if E.device.type != "cpu" or n <= ADD_ROWS:
         p0 = int(offsets[0])
-        E.add_(_bag(cols[p0 : int(offsets[-1])], vals[p0 : int(offsets[-1])], W_dec, offsets, p0), alpha=alpha)
+        part = _bag(cols[p0 : int(offsets[-1])], vals[p0 : int(offsets[-1])], W_dec, offsets, p0)
+        E.copy_(part) if alpha is None else E.add_(part, alpha=alpha)
         return
     cuts = offsets[::ADD_ROWS].tolist() + ([int(offsets[-1])] if n % ADD_ROWS else [])
     for blk, r0 in enumerate(range(0, n, ADD_ROWS)):
         r1 = min(n, r0 + ADD_ROWS)
         p0, p1 = cuts[blk], cuts[blk + 1]
-        if p1 > p0:
+        if alpha is None:
+            E[r0:r1] = _bag(cols[p0:p1], vals[p0:p1], W_dec, offsets[r0 : r1 + 1], p0)
+        elif p1 > p0:
             E[r0:r1].add_(_bag(cols[p0:p1], vals[p0:p1], W_dec, offsets[r0 : r1 + 1], p0), alpha=alpha)
 
 
 # Latents per block when a group's rows of grad W_dec are written: the segment sum's (block, d)
 # result is a small temporary instead of one as large as the group (the loop is the step's peak).
-WDEC_BLOCK = 512
+WDEC_BLOCK = 128
 
 
 class _SparsePrefixStep(torch.autograd.Function):
@@ -108,7 +111,7 @@ class _SparsePrefixStep(torch.autograd.Function):
         gid = torch.bucketize(code_cols, inner, right=True)
         perm = torch.sort(gid.to(torch.int32), stable=True).indices
         group_cols, group_vals = code_cols.index_select(0, perm), code_vals.index_select(0, perm)
-        goff = torch.zeros(n_groups * n + 1, dtype=torch.long, device=device)
+        goff = torch.zeros(n_groups * n + 1, dtype=code_cols.dtype, device=device)  # embedding_bag: ids' dtype
         torch.cumsum(torch.bincount(gid * n + rows, minlength=n_groups * n), 0, out=goff[1:])
         del rows, gid, perm
         starts = goff[::n].tolist()  # entry position where each group begins (and the end)
@@ -130,16 +133,18 @@ class _SparsePrefixStep(torch.autograd.Function):
         if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
             ctx.dense_A, aux = dense_aux_forward(E, aux_z, W_dec, dead_cols, aux_coef)
         elif n_bags > n:
-            a0 = int(bag_offsets[n])
             A = G[n:]
-            A.copy_(_bag(cols[a0:], vals[a0:], W_dec, bag_offsets[n:], a0))
+            _add_group_(A, cols, vals, W_dec, bag_offsets[n:], None)  # in row blocks (no (n, d) temporary)
             A.add_(E)  # the dead latents' reconstruction minus the live residual xn - xn_hat = -E
             flat = A.reshape(-1)
             aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
         else:
             aux = torch.zeros((), dtype=E.dtype, device=device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, bag_offsets, group_cols, group_vals, goff, dead_cols)
+        # The entries are kept on ctx rather than saved, so the backward can drop them once it has
+        # them in latent order (with many dead latents they are the step's largest arrays).
+        ctx.entries = (cols, vals)
         ctx.aux_z = aux_z  # (no autograd history) freed as soon as the backward is done with it
         ctx.E, ctx.G = E, G  # not saved: the backward overwrites them in place
         ctx.scale, ctx.aux_coef, ctx.bounds, ctx.starts = scale, aux_coef, bounds, starts
@@ -153,7 +158,9 @@ class _SparsePrefixStep(torch.autograd.Function):
                 "the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)"
             )
         ctx.E = ctx.G = None
-        W_enc, W_dec, b_dec, x, cols, vals, bag_offsets, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
+        W_enc, W_dec, b_dec, x, bag_offsets, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
+        cols, vals = ctx.entries
+        ctx.entries = None
         grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
@@ -172,13 +179,15 @@ class _SparsePrefixStep(torch.autograd.Function):
                 G[n:].zero_()
             else:
                 G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
-        bags = torch.arange(n_bags, device=cols.device).repeat_interleave(bag_offsets.diff(), output_size=cols.numel())
-        order, ptr = group_by_latent(cols, m)
-        cols_s, bags_s, vals_s = (t.index_select(0, order) for t in (cols, bags, vals))
-        del bags, order
+        # Latent order (sort_entries_by_latent: int32 bag ids where they fit, no int64 permutation on
+        # the CPU, the latents given by ptr); the value gradients overwrite the values group by group.
+        narrow = torch.int32 if max(cols.numel(), n_bags, m) < 2**31 else torch.long
+        entries = [cols, vals]
+        del cols, vals
+        bags_s, vals_s, ptr = sort_entries_by_latent(entries, bag_offsets, m, narrow)
+        gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
         cut = ptr[torch.tensor(bounds, device=ptr.device)].tolist()  # where each group's latents begin
         grad_wd = torch.empty_like(W_dec) if need_wd else None
-        gv = torch.empty(cols_s.numel(), dtype=G.dtype, device=G.device)
         two_over_n = 2.0 / max(1, n)
         for g in reversed(range(n_groups)):
             w = g_mse if g == n_groups - 1 else g_prefix
@@ -187,10 +196,8 @@ class _SparsePrefixStep(torch.autograd.Function):
             lo, hi, p0, p1 = bounds[g], bounds[g + 1], cut[g], cut[g + 1]
             if need_wd:
                 segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, G, ptr, WDEC_BLOCK)
-            if p1 > p0:
-                gv[p0:p1] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    G, W_dec, cols_s[p0:p1], bag_offsets[:-1], bags_s[p0:p1], 0, -1
-                )
+            if p1 > p0 and (need_we or need_be or need_bd):
+                value_grads_(vals_s, G, W_dec, bags_s, bag_offsets, ptr, lo, hi, gb)
             if g > 0:
                 if starts[g + 1] > starts[g]:
                     _add_group_(E, group_cols, group_vals, W_dec, goff[g * n : (g + 1) * n + 1], -1.0)
@@ -204,9 +211,8 @@ class _SparsePrefixStep(torch.autograd.Function):
         del grad_wd_dead
         if not (need_we or need_be or need_bd):
             return None, None, grad_wd, grad_bd, *([None] * 10)
-        gv.mul_(vals_s > 0)  # ReLU: no gradient where the value was clipped to 0
         grad_we, grad_be = encoder_grads(
-            W_enc, x, s, b_dec, cols_s, gv, bags_s, ptr, n, grad_bd, need_we, need_be, grad_z, dead_cols
+            W_enc, x, s, b_dec, None, vals_s, bags_s, ptr, n, grad_bd, need_we, need_be, grad_z, dead_cols, gb
         )
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 10)
 
@@ -228,8 +234,16 @@ def sparse_prefix_step(
     docstring; AuxK from the selection's sparse entries or from `dense_aux` (as
     `topk_step.sparse_topk_step`). All four parameters get their gradients through the selected entries
     only."""
-    cols, vals, offsets = selection_entries(sel)
     n_code = sel.indices.numel()
+    # With AuxK entries the concatenated ids are a new array: int32 where they fit (half the memory);
+    # the codes alone pass as they are (no copy).
+    index_dtype = torch.long
+    if sel.aux_indices is not None and n_code + sel.aux_indices.numel() + 2 * x.shape[0] < 2**31:
+        index_dtype = torch.int32
+    has_aux = sel.aux_values is not None
+    cols, vals, offsets = selection_entries(sel, index_dtype)
+    # The AuxK entries now live in (cols, vals): drop the selection's copies before the decoder runs.
+    sel.aux_values = sel.aux_indices = None
     dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
     x_hat, mse, prefix, aux = _SparsePrefixStep.apply(
         W_enc,
@@ -247,7 +261,7 @@ def sparse_prefix_step(
         dead_cols,
         aux_z,
     )
-    return x_hat, mse, prefix, (aux if sel.aux_values is not None or dense_aux is not None else None)
+    return x_hat, mse, prefix, (aux if has_aux or dense_aux is not None else None)
 
 
 __all__ = ["sparse_prefix_step"]
