@@ -14,6 +14,8 @@ tests/test_kernels.py checks them against the dense computation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,6 +57,22 @@ def group_by_latent(cols: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
     ptr = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
     return order, ptr
+
+
+def csr_blocks(ptr: Tensor, lo: int, hi: int, step: int) -> Iterator[tuple[int, int, int, int]]:
+    """(s0, s1, p0, p1) for the segments lo..hi-1 of CSR pointer `ptr` taken `step` at a time: the
+    block's segments s0..s1-1 and its entries p0..p1-1 (one host read of the pointer for all blocks)."""
+    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
+    for blk, s0 in enumerate(range(lo, hi, step)):
+        yield s0, min(hi, s0 + step), cuts[blk], cuts[blk + 1]
+
+
+def _bag_block(rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, s0: int, s1: int, p0: int, p1: int) -> Tensor:
+    """The sums of segments s0..s1-1 (entries p0..p1-1) of CSR pointer `ptr`: (s1 - s0, d)."""
+    return F.embedding_bag(
+        rows[p0:p1], table, ptr[s0 : s1 + 1] - p0, mode="sum", per_sample_weights=weights[p0:p1],
+        include_last_offset=True,
+    )  # fmt: skip
 
 
 def sort_entries_by_latent(
@@ -118,11 +136,8 @@ def value_grads_(
     if hi <= lo:
         return gb
     step = max(1, hi - lo if vals.device.type != "cpu" else VALUE_GRAD_BLOCK)
-    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
     offsets = bag_offsets[:-1].to(ptr.dtype)  # embedding_bag's ids and offsets share one dtype
-    for blk, j0 in enumerate(range(lo, hi, step)):
-        j1 = min(hi, j0 + step)
-        p0, p1 = cuts[blk], cuts[blk + 1]
+    for j0, j1, p0, p1 in csr_blocks(ptr, lo, hi, step):
         if p1 == p0:
             continue
         local = torch.repeat_interleave(ptr[j0 : j1 + 1].diff(), output_size=p1 - p0)  # latent - j0
@@ -218,18 +233,8 @@ def segment_sum_into(
     if hi <= lo:
         return
     step = hi - lo if out.device.type != "cpu" else block
-    cuts = ptr[lo : hi + 1 : step].tolist() + ([int(ptr[hi])] if (hi - lo) % step else [])
-    for blk, j0 in enumerate(range(lo, hi, step)):
-        j1 = min(hi, j0 + step)
-        p0, p1 = cuts[blk], cuts[blk + 1]
-        out[j0:j1] = F.embedding_bag(
-            rows[p0:p1],
-            table,
-            ptr[j0 : j1 + 1] - p0,
-            mode="sum",
-            per_sample_weights=weights[p0:p1],
-            include_last_offset=True,
-        )
+    for j0, j1, p0, p1 in csr_blocks(ptr, lo, hi, step):
+        out[j0:j1] = _bag_block(rows, weights, table, ptr, j0, j1, p0, p1)
 
 
 # Entries per embedding_bag call of `bag_sum_blocks` (its per-entry temporaries stay this small).
@@ -248,14 +253,8 @@ def bag_sum_blocks(indices: Tensor, weights: Tensor, table: Tensor, offsets: Ten
             indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
         )
     out = torch.empty(n_bags, table.shape[1], dtype=table.dtype, device=table.device)
-    cuts = offsets[::block].tolist() + ([int(offsets[-1])] if n_bags % block else [])
-    for blk, b0 in enumerate(range(0, n_bags, block)):
-        b1 = min(n_bags, b0 + block)
-        p0, p1 = cuts[blk], cuts[blk + 1]
-        out[b0:b1] = F.embedding_bag(
-            indices[p0:p1], table, offsets[b0 : b1 + 1] - p0, mode="sum", per_sample_weights=weights[p0:p1],
-            include_last_offset=True,
-        )  # fmt: skip
+    for b0, b1, p0, p1 in csr_blocks(offsets, 0, n_bags, block):
+        out[b0:b1] = _bag_block(indices, weights, table, offsets, b0, b1, p0, p1)
     return out
 
 
@@ -277,8 +276,10 @@ def segment_sum_transposed(
         # need a host sync).
         return _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum)
     out = torch.empty(d, m, dtype=table.dtype, device=table.device)
-    bounds = ptr[::_WENC_BLOCK].tolist() + ([int(ptr[-1])] if m % _WENC_BLOCK else [])
-    _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum)
+    for j0, j1, p0, p1 in csr_blocks(ptr, 0, m, _WENC_BLOCK):
+        part = _bag_block(rows, weights, table, ptr, j0, j1, p0, p1)
+        # scale * part^T - b_dec (x) colsum, written into the block's columns in one pass
+        torch.addr(part.t(), b_dec, colsum[j0:j1], beta=scale, alpha=-1, out=out[:, j0:j1])
     return out
 
 
@@ -287,23 +288,6 @@ def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsu
     part = F.embedding_bag(rows, table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True)
     out = torch.empty(table.shape[1], ptr.numel() - 1, dtype=table.dtype, device=table.device)
     return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1, out=out)
-
-
-def _fill_transposed_blocks(out, rows, weights, table, ptr, bounds, scale, b_dec, colsum) -> None:
-    m = out.shape[1]
-    for blk, j0 in enumerate(range(0, m, _WENC_BLOCK)):
-        j1 = min(m, j0 + _WENC_BLOCK)
-        p0, p1 = bounds[blk], bounds[blk + 1]
-        part = F.embedding_bag(
-            rows[p0:p1],
-            table,
-            ptr[j0 : j1 + 1] - p0,
-            mode="sum",
-            per_sample_weights=weights[p0:p1],
-            include_last_offset=True,
-        )
-        # scale * part^T - b_dec (x) colsum, written into the block's columns in one pass
-        torch.addr(part.t(), b_dec, colsum[j0:j1], beta=scale, alpha=-1, out=out[:, j0:j1])
 
 
 @torch.no_grad()

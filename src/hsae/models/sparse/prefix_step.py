@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.sparse.ops import segment_sum_into, sort_entries_by_latent, value_grads_
+from hsae.models.sparse.ops import csr_blocks, segment_sum_into, sort_entries_by_latent, value_grads_
 from hsae.models.sparse.selection import TopKSelection
 from hsae.models.sparse.topk_step import (
     dense_aux_forward,
@@ -66,10 +66,7 @@ def _add_group_(E: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: T
         part = _bag(cols[p0 : int(offsets[-1])], vals[p0 : int(offsets[-1])], W_dec, offsets, p0)
         E.copy_(part) if alpha is None else E.add_(part, alpha=alpha)
         return
-    cuts = offsets[::ADD_ROWS].tolist() + ([int(offsets[-1])] if n % ADD_ROWS else [])
-    for blk, r0 in enumerate(range(0, n, ADD_ROWS)):
-        r1 = min(n, r0 + ADD_ROWS)
-        p0, p1 = cuts[blk], cuts[blk + 1]
+    for r0, r1, p0, p1 in csr_blocks(offsets, 0, n, ADD_ROWS):
         if alpha is None:
             E[r0:r1] = _bag(cols[p0:p1], vals[p0:p1], W_dec, offsets[r0 : r1 + 1], p0)
         elif p1 > p0:
