@@ -5,6 +5,7 @@ top images with the heatmap drawn over the padded picture, served and from a sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,23 +47,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], ready: str):
-    """Start a server process on a free port; (its base URL, the process) once `ready` answers."""
+@contextlib.contextmanager
+def serving(command: list[str], ready: str) -> Iterator[str]:
+    """A server process on a free port: its base URL once `ready` answers; stopped on exit."""
     port = free_port()
     process = subprocess.Popen(
         [arg.replace("{port}", str(port)) for arg in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{base}{ready}", timeout=1)
-            return base, process
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(process.stdout.read().decode()) from None
-            time.sleep(0.25)
-    process.terminate()
-    raise RuntimeError(f"{command[:4]} did not answer {ready} within 30 s")
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}{ready}", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(process.stdout.read().decode()) from None
+                time.sleep(0.25)
+        else:
+            raise RuntimeError(f"{command[:4]} did not answer {ready} within 30 s")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +84,8 @@ def server(tmp_path_factory):
     record = json.loads((model / "config.json").read_text())
     sae.save(model, record={k: v for k, v in record.items() if k != "sae"})
     serve = [sys.executable, "-m", "hsae", "serve", str(model), str(gpt2_model()), "--port", "{port}"]
-    base, process = start(serve, "/api/models")
-    try:
+    with serving(serve, "/api/models") as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +169,8 @@ def image_server():
     _, model = image_model()
     _, with_examples = image_model_with_examples()
     serve = [sys.executable, "-m", "hsae", "serve", str(model), str(with_examples), "--port", "{port}"]
-    base, process = start(serve, "/api/models")
-    try:
+    with serving(serve, "/api/models") as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def hot_latent(base: str) -> tuple[int, dict]:
@@ -230,13 +230,9 @@ def test_a_static_export_shows_the_images_too(image_server, browser, tmp_path):
 
     latent, images = hot_latent(image_server)
     site = export_site(image_model()[1], tmp_path / "site")
-    base, process = start([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "-d", str(site), "{port}"], "/")
-    try:
+    with serving([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "-d", str(site), "{port}"], "/") as base:
         page = browser.new_page()
         page.goto(f"{base}/#/features/{latent}?model=sae")
         page.wait_for_function(DRAWN, arg=len(images["items"]))
         assert page.locator("[data-drawn=missing]").count() == 0  # every picture it shows was exported
         assert page.locator("[data-drawn=heatmap]").count() == sum(1 for i in images["items"] if i["heatmap"])
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
