@@ -29,6 +29,7 @@ CASES = [
     ("matryoshka", "n_sampled_prefixes", -3, r"n_sampled_prefixes must be between 1 and n_latents \(32\)"),
     ("matryoshka", "pareto_power", 0.0, "pareto_power .* must be > 0"),
     ("matryoshka", "pareto_power", -0.5, "pareto_power .* must be > 0"),
+    ("matryoshka", "prefix_weight", -0.25, "prefix_weight .* must be >= 0"),
     ("matryoshka", "min_prefix", 0, r"min_prefix must be between 1 and n_latents-1 \(31\)"),
     ("matryoshka", "threshold_momentum", 0.0, r"threshold_momentum must be in \(0, 1\]"),
     ("batchtopk", "threshold_momentum", 1.5, r"threshold_momentum must be in \(0, 1\]"),

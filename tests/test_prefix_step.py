@@ -48,7 +48,7 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
     monkeypatch.setattr(prefix_step, "ADD_ROWS", add_rows)  # 7: row blocks, the last one partial
     monkeypatch.setattr(prefix_step, "WDEC_BLOCK", 5 if add_rows == 7 else 512)  # latent blocks too
     opts = {
-        "fixed": dict(group_fractions=[0.25, 0.25, 0.5]),
+        "fixed": dict(group_fractions=[0.25, 0.25, 0.5], prefix_weight=0.25),
         "sampled": dict(sampled_groups=True, n_sampled_prefixes=6),
         "one": dict(group_fractions=[1.0]),
     }[groups]

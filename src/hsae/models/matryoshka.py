@@ -4,12 +4,13 @@ random-prefix variant).
 A BatchTopK SAE whose latents are split into nested groups: prefix i is latents [0, m_i). The loss
 sums the reconstruction error of every prefix,
 
-    L = sum_i || x - (b_dec + f[:, :m_i] @ W_dec[:m_i]) ||^2 + aux_coef * AuxK,
+    L = sum_i w_i || x - (b_dec + f[:, :m_i] @ W_dec[:m_i]) ||^2 + aux_coef * AuxK,
 
 with the top-k taken once over the full dictionary (each prefix uses the active latents that fall
 inside it; no separate top-k per prefix), as in the authors' code. Loss terms: "mse" is the full
-dictionary's error (the last prefix), "prefix_mse" the sum over the strict prefixes; their sum is L.
-Early latents therefore have to reconstruct on their own and learn general (parent) features.
+dictionary's error (the last prefix, weight 1), "prefix_mse" the strict prefixes' errors, each
+weighted `prefix_weight` (the paper: 1, a plain sum); their sum is L. Early latents therefore have
+to reconstruct on their own and learn general (parent) features.
 
 Groups (choices, where the papers leave room):
 - Fixed (default, as in the paper's Gemma runs, "slightly better"): `group_fractions`, the size of
@@ -56,6 +57,8 @@ class MatryoshkaConfig(BatchTopKConfig):
     n_sampled_prefixes: int = 5
     min_prefix: int = 1
     pareto_power: float = 0.5
+    # weight of each strict prefix's reconstruction error against the full dictionary's
+    prefix_weight: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +83,11 @@ class MatryoshkaConfig(BatchTopKConfig):
             raise HsaeError(
                 f"matryoshka: pareto_power (the exponent of the prefix lengths' Pareto law) must be > 0, "
                 f"got {self.pareto_power}"
+            )
+
+        if not self.prefix_weight >= 0:
+            raise HsaeError(
+                f"matryoshka: prefix_weight (each strict prefix's loss weight) must be >= 0, got {self.prefix_weight}"
             )
 
     def fixed_bounds(self) -> list[int]:
@@ -130,7 +138,7 @@ class MatryoshkaSAE(BatchTopKSAE[MatryoshkaConfig]):
             prefix_losses.append((xn_hat - xn).pow(2).sum(-1).mean())
         losses = {"mse": prefix_losses[-1]}
         if len(prefix_losses) > 1:
-            losses["prefix_mse"] = torch.stack(prefix_losses[:-1]).sum()
+            losses["prefix_mse"] = self.config.prefix_weight * torch.stack(prefix_losses[:-1]).sum()
         return xn_hat, losses
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> SAEOutput:

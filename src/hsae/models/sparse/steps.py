@@ -15,7 +15,8 @@ columns when that block is small), then runs one fused autograd function: the To
 What the model must offer: `W_enc`, `b_enc`, `W_dec`, `b_dec`, `config.k`, `config.input_scale`,
 `config.aux_coef`, `aux_k()`, `compute_dtype` (the encoder matmul's dtype, None for the weights'
 own), `n_latents`, `d_in`, `scale_in` (the shape check); `BatchTopK` also calls
-`model.selection_hint()` and `model.record_selection(selection)` (the inference threshold).
+`model.selection_hint()` and `model.record_selection(selection)` (the inference threshold); with
+`groups`, `config.prefix_weight` (the weight of the strict prefixes' losses).
 
 The step must compute what the family's `forward` computes (its reference formulation);
 tests/test_kernels.py and tests/test_prefix_step.py check it for every family that declares one.
@@ -148,7 +149,7 @@ class FusedTopKStep:
             )
             losses = {"mse": mse}
             if len(bounds) > 2:
-                losses["prefix_mse"] = prefix_mse
+                losses["prefix_mse"] = cfg.prefix_weight * prefix_mse
         if auxk is not None:
             losses["auxk"] = auxk
         codes = SparseCodes(selection.indices, selection.values, model.n_latents, selection.offsets)
