@@ -47,3 +47,26 @@ def test_family_options_out_of_range_are_refused():
             from_dict(get_family(arch).config_class, {"arch": arch, **base, **option})
     with pytest.raises(HsaeError, match="noise_std"):
         from_dict(SyntheticConfig, {"noise_std": -1})
+
+
+def test_a_saved_config_missing_a_field_is_refused_unless_the_field_was_added_later():
+    from hsae.config import to_dict
+    from hsae.models.matryoshka import MatryoshkaConfig
+
+    saved = to_dict(MatryoshkaConfig(arch="matryoshka", d_in=8, n_latents=32, k=4, prefix_weight=0.5))
+    assert from_dict(MatryoshkaConfig, saved, complete=True).prefix_weight == 0.5
+    # written before prefix_weight existed: trained with the plain sum, whatever today's default
+    older = {key: value for key, value in saved.items() if key != "prefix_weight"}
+    assert from_dict(MatryoshkaConfig, older, complete=True).prefix_weight == 1.0
+    damaged = {key: value for key, value in saved.items() if key != "group_fractions"}
+    with pytest.raises(HsaeError, match="group_fractions missing"):
+        from_dict(MatryoshkaConfig, damaged, complete=True)
+
+
+def test_a_model_saved_before_prefix_weight_existed_loads_as_trained():
+    from pathlib import Path
+
+    from hsae.models import load
+
+    model = load(Path(__file__).parent / "data" / "formats" / "hsae" / "matryoshka")
+    assert model.config.prefix_weight == 1.0

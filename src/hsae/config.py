@@ -106,10 +106,14 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None, complete: bool = False) -> T:
     """Build dataclass `cls` from a mapping, refusing unknown keys and converting types. `complete`
     (for configs read back from a file hsae wrote, which holds every field) refuses missing fields
-    instead of filling in defaults: a default would silently change what was saved."""
+    instead of filling in defaults: a default would silently change what was saved. The one exception
+    is a field in `cls.ADDED_FIELDS` (fields added after such files were first written, each with the
+    value an older file implies: what its model was trained with, not necessarily today's default)."""
     what = what or cls.__name__
     if not isinstance(data, dict):
         raise HsaeError(f"{what}: expected a mapping of options, got {type(data).__name__}")
+    if complete:
+        data = {**getattr(cls, "ADDED_FIELDS", {}), **data}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(map(str, set(data) - set(fields)))

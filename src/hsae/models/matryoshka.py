@@ -36,6 +36,7 @@ There is no built-in tree: `hierarchy()` returns the forest found post hoc (hsae
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -59,6 +60,8 @@ class MatryoshkaConfig(BatchTopKConfig):
     pareto_power: float = 0.5
     # weight of each strict prefix's reconstruction error against the full dictionary's
     prefix_weight: float = 1.0
+    # models saved before prefix_weight existed were trained with the plain sum (hsae.config.from_dict)
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"prefix_weight": 1.0}
 
     def validate(self) -> None:
         super().validate()
