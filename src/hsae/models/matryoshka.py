@@ -9,8 +9,10 @@ sums the reconstruction error of every prefix,
 with the top-k taken once over the full dictionary (each prefix uses the active latents that fall
 inside it; no separate top-k per prefix), as in the authors' code. Loss terms: "mse" is the full
 dictionary's error (the last prefix, weight 1), "prefix_mse" the strict prefixes' errors, each
-weighted `prefix_weight` (the paper: 1, a plain sum); their sum is L. Early latents therefore have
-to reconstruct on their own and learn general (parent) features.
+weighted `prefix_weight`; their sum is L. Early latents therefore have to reconstruct on their own
+and learn general (parent) features. The paper sums the prefixes with weight 1; hsae's default is
+0.25 (measured: higher MCC, explained variance and edge F1 on SAELens's synthetic hierarchies over
+three seeds, more true edges on hsae's claim forest, lower FVU on MiniLM; docs/hierarchy.md).
 
 Groups (choices, where the papers leave room):
 - Fixed (default, as in the paper's Gemma runs, "slightly better"): `group_fractions`, the size of
@@ -59,7 +61,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     min_prefix: int = 1
     pareto_power: float = 0.5
     # weight of each strict prefix's reconstruction error against the full dictionary's
-    prefix_weight: float = 1.0
+    prefix_weight: float = 0.25
     # models saved before prefix_weight existed were trained with the plain sum (hsae.config.from_dict)
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {"prefix_weight": 1.0}
 
