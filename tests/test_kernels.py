@@ -414,13 +414,17 @@ def test_compiled_entries_at_least_equal_torch_ops(m, dtype, monkeypatch):
     pre[12, :: max(1, m // 7)] = float("nan")  # NaNs among positive entries of their blocks
     for thr in (float("-inf"), -0.5, 0.0, 1e-310, 0.3, 1.7, 1e31, 1 / 3, float("inf")):
         pos, vals = _entries_at_least(pre, thr)
+        pos32, vals32 = _entries_at_least(pre, thr, torch.int32)  # the collector's narrow positions
         monkeypatch.setenv("HSAE_NUMBA", "0")
         ref_pos, ref_vals = _entries_at_least(pre, thr)
+        ref_pos32, _ = _entries_at_least(pre, thr, torch.int32)
         monkeypatch.delenv("HSAE_NUMBA")
         order, ref_order = pos.argsort(), ref_pos.argsort()
         assert torch.equal(pos[order], ref_pos[ref_order])
         assert torch.equal(vals[order], ref_vals[ref_order])
         assert torch.equal(vals, pre.reshape(-1)[pos])
+        assert pos32.dtype == ref_pos32.dtype == torch.int32
+        assert torch.equal(pos32.long(), pos) and torch.equal(vals32, vals) and torch.equal(ref_pos32.long(), ref_pos)
 
 
 @pytest.mark.skipif(not cpu_select.enabled(), reason="numba is not importable here")
@@ -655,3 +659,60 @@ def test_grad_w_enc_segment_sum_gpu_form_equals_cpu_blocks():
     _close(blocks, whole)
     _close(blocks, 1.3 * dense.t() - torch.outer(b_dec, colsum))
     assert whole.shape == (d, m) and whole.is_contiguous()
+    # a second entry set (int16 rows, as the Matryoshka step's AuxK entries): its sums per latent add up
+    rows2 = torch.randint(0, n, (300,), generator=g)
+    cols2 = torch.randint(0, m, (300,), generator=g)
+    w2 = torch.randn(300, generator=g, dtype=DTYPE)
+    order2, ptr2 = group_by_latent(cols2, m)
+    more = (rows2[order2].to(torch.int16), w2[order2], ptr2)
+    blocks = segment_sum_transposed(rows[order], w[order], table, ptr, 1.3, b_dec, colsum, more)
+    whole = _segment_sum_transposed_whole(rows[order], w[order], table, ptr, 1.3, b_dec, colsum, more)
+    dense.index_add_(0, cols2, w2[:, None] * table[rows2])
+    _close(blocks, whole)
+    _close(blocks, 1.3 * dense.t() - torch.outer(b_dec, colsum))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch-ops"])
+def test_entry_sets_sorted_apart_give_the_sums_of_one_set(compiled, monkeypatch):
+    """What the Matryoshka step's backward relies on when it sorts the codes and the AuxK entries
+    apart: int16 bag ids sort like int32 ones; per-latent value sums of the second set added after
+    the first's (latent_sums_) are bitwise those of one pass over each latent's entries in order;
+    segment sums accumulated set by set equal the dense sum."""
+    from hsae.models.sparse.ops import latent_sums_, segment_sum_into, sort_entries_by_latent
+
+    if compiled and not cpu_select.enabled():
+        pytest.skip("numba is not importable here")
+    if not compiled:
+        monkeypatch.setenv("HSAE_NUMBA", "0")
+    g = torch.Generator().manual_seed(9)
+    n, d, m = 50, 6, 300
+
+    def entries(nnz):
+        off = torch.zeros(n + 1, dtype=torch.int32)
+        off[1:] = torch.randint(0, 2 * nnz // n + 1, (n,), generator=g).cumsum(0)
+        off[-1] = nnz
+        off = off.clamp(max=nnz)
+        return torch.randint(0, m, (nnz,), generator=g, dtype=torch.int32), torch.rand(nnz, generator=g), off
+
+    sets = [entries(400), entries(900)]
+    table = torch.randn(n, d, generator=g)
+    ref_gb = torch.zeros(m)
+    ref_out = torch.zeros(m, d)
+    out = torch.empty(m, d)
+    gb = torch.zeros(m)
+    for i, (cols, vals, off) in enumerate(sets):
+        rows = torch.arange(n).repeat_interleave(off.diff(), output_size=cols.numel())
+        bags16, vals16, ptr16 = sort_entries_by_latent([cols, vals], off, m, torch.int32, torch.int16)
+        bags32, vals32, ptr32 = sort_entries_by_latent([cols, vals], off, m, torch.int32)
+        order = torch.sort(cols, stable=True).indices
+        assert bags16.dtype == torch.int16 and torch.equal(bags16.int(), bags32) and torch.equal(ptr16, ptr32)
+        assert torch.equal(bags32.long(), rows[order]) and torch.equal(vals16, vals[order])
+        segment_sum_into(out, 0, m, bags16, vals16, table, ptr16, 7, accumulate=i > 0)
+        latent_sums_(gb, vals16, ptr16)
+        ref_out.index_add_(0, cols.long(), vals[:, None] * table[rows])
+    # one pass over each latent's entries, the first set's then the second's
+    cat_cols = torch.cat([s[0] for s in sets]).long()
+    cat_vals = torch.cat([s[1] for s in sets])
+    ref_gb.index_add_(0, cat_cols, cat_vals)
+    assert torch.equal(gb, ref_gb)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)

@@ -81,10 +81,11 @@ def test_matryoshka_sparse_training_path_equals_dense(with_dead, groups, add_row
     ids=["weighted", "mse-only", "auxk-only", "prefix-only"],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_prefix_step_scaled_inputs_and_each_loss_alone(weights, dtype):
+@pytest.mark.parametrize("dense_auxk", [True, False])
+def test_prefix_step_scaled_inputs_and_each_loss_alone(weights, dtype, dense_auxk):
     """input_scale != 1 (every scale factor of x_hat, S and grad W_enc), unequal weights on the loss
     terms (mse and prefix_mse swapped would show), and terms left out of the loss (their incoming
-    gradient is None), in float64 and float32."""
+    gradient is None), in float64 and float32, AuxK as a dense block and as sparse entries."""
     w_mse, w_prefix, w_aux = weights
     m = _fresh(64, 4, group_fractions=[0.25, 0.25, 0.5]).to(dtype).train()
     m.config.input_scale = 1.3
@@ -97,10 +98,11 @@ def test_prefix_step_scaled_inputs_and_each_loss_alone(weights, dtype):
     dead[::3] = True
 
     def loss_of(out):
-        loss = w_mse * out.losses["mse"] + w_prefix * out.losses["prefix_mse"] + w_aux * out.losses["auxk"]
+        terms = ((w_mse, "mse"), (w_prefix, "prefix_mse"), (w_aux, "auxk"))
+        loss = sum(w * out.losses[key] for w, key in terms if w)  # a term left out gets no gradient
         return loss + out.x_hat.sum() if w_mse == 2.0 else loss
 
-    (sp, g_sp), (de, g_de) = _sparse_and_dense(m, x, dead, loss_of)
+    (sp, g_sp), (de, g_de) = _sparse_and_dense(m, x, dead, loss_of, dense_auxk=dense_auxk)
     tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
     for key in de.losses:
         torch.testing.assert_close(sp.losses[key], de.losses[key], **tol)

@@ -260,11 +260,11 @@ if NUMBA_IMPORTED:
                 vals_out[p] = vals[e]
 
 
-def entries_at_least(pre: Tensor, thr: float, size: int) -> tuple[Tensor, Tensor]:
-    """(flat row-major positions, values) of the entries of `pre` (n, m) that are > 0 and >= thr,
-    rows in order (a contiguous float32/float64 CPU tensor, m % size == 0): what the candidate
-    filter of `selection.BatchTopKCollector` computes, in two compiled passes (count per row, then
-    fill)."""
+def entries_at_least(pre: Tensor, thr: float, size: int, pos_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor]:
+    """(flat row-major positions in `pos_dtype`, values) of the entries of `pre` (n, m) that are > 0
+    and >= thr, rows in order (a contiguous float32/float64 CPU tensor, m % size == 0): what the
+    candidate filter of `selection.BatchTopKCollector` computes, in two compiled passes (count per
+    row, then fill)."""
     n, m = pre.shape
     dtype = pre.numpy().dtype
     thr = dtype.type(thr)  # compared in the tensor's dtype, as torch compares with a Python scalar
@@ -275,7 +275,7 @@ def entries_at_least(pre: Tensor, thr: float, size: int) -> tuple[Tensor, Tensor
         starts = np.zeros(n, dtype=np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
         total = int(counts.sum())
-        pos = torch.empty(total, dtype=torch.long)
+        pos = torch.empty(total, dtype=pos_dtype)
         vals = torch.empty(total, dtype=pre.dtype)
         _fill_entries(pre.numpy(), thr, size, bm, starts, pos.numpy(), vals.numpy())
     return pos, vals
@@ -324,13 +324,15 @@ def select_topk(
     return values, indices
 
 
-def scatter_by_latent(cols: Tensor, vals: Tensor, bag_offsets: Tensor, ptr: Tensor) -> tuple[Tensor, Tensor]:
+def scatter_by_latent(
+    cols: Tensor, vals: Tensor, bag_offsets: Tensor, ptr: Tensor, bag_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """(bags, values) of CSR entries (cols, vals over bags `bag_offsets`; CPU, contiguous) in latent
     order, the entries of a latent in their original order (what a stable sort by latent gives),
     `ptr` the (n_latents + 1,) CSR pointer of the latents: one pass, no permutation array. Bags come
-    in ptr's dtype."""
+    in `bag_dtype` (default ptr's dtype)."""
     cursor = ptr[:-1].numpy().astype(np.int64)
-    bags_out = torch.empty(cols.numel(), dtype=ptr.dtype)
+    bags_out = torch.empty(cols.numel(), dtype=ptr.dtype if bag_dtype is None else bag_dtype)
     vals_out = torch.empty_like(vals)
     with _lock:
         _scatter_by_latent(cols.numpy(), vals.numpy(), bag_offsets.numpy(), cursor, bags_out.numpy(), vals_out.numpy())

@@ -98,7 +98,7 @@ class _NestedKStep(torch.autograd.Function):
             raise RuntimeError("the sparse MSAE step cannot be backpropagated twice (retain_graph is not supported)")
         ctx.G = None
         W_enc, W_dec, b_dec, x, idx, vals, aux_idx, aux_vals, dead_cols = ctx.saved_tensors
-        grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
+        dense, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols, x)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n = x.shape[0]
         ks, weights, s = ctx.ks, ctx.weights, ctx.scale
@@ -156,7 +156,7 @@ class _NestedKStep(torch.autograd.Function):
             grad_bd,
             need_we,
             need_be,
-            grad_z,
+            dense,
             dead_cols,
         )
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 11)

@@ -4,8 +4,9 @@
   backward writes grad W_dec as one more `embedding_bag` over the entries grouped by latent (a
   segment sum, no (nnz, d) temporary) and grad values as a sampled dot product. It never builds the
   dense (n, n_latents) code.
-- `segment_sum`, `segment_sum_transposed`, `bag_sum`, `sampled_dot`, `group_by_latent`, `row_ids`:
-  the building blocks of the fused training steps (hsae.models.sparse.topk_step, prefix_step).
+- `segment_sum`, `segment_sum_transposed`, `bag_sum`, `sampled_dot`, `group_by_latent`, `row_ids`,
+  `sort_entries_by_latent`, `value_grads_`, `latent_sums_`, `segment_sum_into`: the building blocks
+  of the fused training steps (hsae.models.sparse.topk_step, prefix_step).
 - `encoder_matmul` (optionally in bf16), `remove_parallel_component_` (the unit-norm decoder rule,
   in place, in blocks).
 
@@ -68,29 +69,32 @@ def csr_blocks(ptr: Tensor, lo: int, hi: int, step: int) -> Iterator[tuple[int, 
 
 
 def _bag_block(rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, s0: int, s1: int, p0: int, p1: int) -> Tensor:
-    """The sums of segments s0..s1-1 (entries p0..p1-1) of CSR pointer `ptr`: (s1 - s0, d)."""
+    """The sums of segments s0..s1-1 (entries p0..p1-1) of CSR pointer `ptr`: (s1 - s0, d). Rows
+    narrower than ptr (int16) are widened block by block (embedding_bag takes ptr's dtype)."""
     return F.embedding_bag(
-        rows[p0:p1], table, ptr[s0 : s1 + 1] - p0, mode="sum", per_sample_weights=weights[p0:p1],
+        rows[p0:p1].to(ptr.dtype), table, ptr[s0 : s1 + 1] - p0, mode="sum", per_sample_weights=weights[p0:p1],
         include_last_offset=True,
     )  # fmt: skip
 
 
 def sort_entries_by_latent(
-    entries: list[Tensor], bag_offsets: Tensor, n_latents: int, dtype: torch.dtype
+    entries: list[Tensor], bag_offsets: Tensor, n_latents: int, dtype: torch.dtype, bag_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(bags, values, ptr) of CSR entries [cols, vals] (bags `bag_offsets`) sorted by latent, the
     entries of a latent in their original order, with the (n_latents + 1,) CSR pointer of the
-    latents (which gives each sorted entry's latent); bags and ptr in `dtype` (int32 where they fit).
+    latents (which gives each sorted entry's latent); ptr in `dtype` (int32 where it fits), bags in
+    `bag_dtype` (default `dtype`; int16 where the bag ids fit, widened block by block where used).
     `entries` is emptied, so the caller's unsorted arrays are freed once used. On the CPU one compiled
     pass (cpu_select.scatter_by_latent) writes the sorted arrays without an int64 permutation;
     elsewhere a stable sort of the latent ids."""
     cols, vals = entries
     entries.clear()
+    bag_dtype = dtype if bag_dtype is None else bag_dtype
     ptr = torch.zeros(n_latents + 1, dtype=dtype, device=cols.device)
     torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
     if cols.device.type == "cpu" and cpu_select.enabled() and cols.is_contiguous() and vals.is_contiguous():
         try:
-            bags_s, vals_s = cpu_select.scatter_by_latent(cols, vals, bag_offsets, ptr)
+            bags_s, vals_s = cpu_select.scatter_by_latent(cols, vals, bag_offsets, ptr, bag_dtype)
         except cpu_select.CompileError as err:  # go on with the torch ops below
             cpu_select.disable(err)
         else:
@@ -100,7 +104,7 @@ def sort_entries_by_latent(
     order = cols_n.sort(stable=True).indices
     del cols_n
     bags_s = (
-        torch.arange(bag_offsets.numel() - 1, device=order.device, dtype=dtype)
+        torch.arange(bag_offsets.numel() - 1, device=order.device, dtype=bag_dtype)
         .repeat_interleave(bag_offsets.diff(), output_size=order.numel())
         .index_select(0, order)
     )
@@ -122,19 +126,16 @@ def value_grads_(
     lo: int = 0,
     hi: int | None = None,
     gb: Tensor | None = None,
-) -> Tensor:
+) -> None:
     """Overwrite the values of entries sorted by latent (CSR pointer `ptr`, bags `bags` of the
     pointer `bag_offsets`) of latents lo..hi-1 (default all) with their gradients
     G[bag] . W_dec[latent], passed where the value is > 0 (ReLU); adds their sums per latent into
-    gb[lo:hi] (a new zero (n_latents,) tensor by default) and returns gb. On the CPU
-    `VALUE_GRAD_BLOCK` latents at a time, each block's latent ids made from `ptr`, so no per-entry
-    latent or gradient array exists besides `vals` (a GPU takes them all at once)."""
-    m = ptr.numel() - 1
-    hi = m if hi is None else hi
-    if gb is None:
-        gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
+    gb[lo:hi] when given (index_add_, in entry order). On the CPU `VALUE_GRAD_BLOCK` latents at a
+    time, each block's latent ids made from `ptr`, so no per-entry latent or gradient array exists
+    besides `vals` (a GPU takes them all at once)."""
+    hi = ptr.numel() - 1 if hi is None else hi
     if hi <= lo:
-        return gb
+        return
     step = max(1, hi - lo if vals.device.type != "cpu" else VALUE_GRAD_BLOCK)
     offsets = bag_offsets[:-1].to(ptr.dtype)  # embedding_bag's ids and offsets share one dtype
     for j0, j1, p0, p1 in csr_blocks(ptr, lo, hi, step):
@@ -142,13 +143,25 @@ def value_grads_(
             continue
         local = torch.repeat_interleave(ptr[j0 : j1 + 1].diff(), output_size=p1 - p0)  # latent - j0
         g = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            G, W_dec, local.add_(j0), offsets, bags[p0:p1], 0, -1
+            G, W_dec, local.add_(j0), offsets, bags[p0:p1].to(local.dtype), 0, -1
         )
         v = vals[p0:p1]
         g.mul_(v > 0)  # ReLU: no gradient where the value was clipped to 0
         v.copy_(g)
-        gb[j0:j1].index_add_(0, local.sub_(j0), g)
-    return gb
+        if gb is not None:
+            gb[j0:j1].index_add_(0, local.sub_(j0), g)
+
+
+def latent_sums_(out: Tensor, vals: Tensor, ptr: Tensor) -> None:
+    """out[j] += each value of latent j's entries (sorted by latent, CSR pointer `ptr`), added one
+    at a time in entry order (index_add_), as `value_grads_` adds them into gb: entries split into two
+    sets give the same sums when the second set's are added after the first's. `VALUE_GRAD_BLOCK`
+    latents at a time on the CPU (small latent ids)."""
+    m = ptr.numel() - 1
+    step = max(1, m if vals.device.type != "cpu" else VALUE_GRAD_BLOCK)
+    for j0, j1, p0, p1 in csr_blocks(ptr, 0, m, step):
+        if p1 > p0:
+            out[j0:j1].index_add_(0, torch.repeat_interleave(ptr[j0 : j1 + 1].diff(), output_size=p1 - p0), vals[p0:p1])
 
 
 def segment_sum(rows: Tensor, weights: Tensor, table: Tensor, order: Tensor, ptr: Tensor) -> Tensor:
@@ -225,16 +238,28 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tenso
 
 
 def segment_sum_into(
-    out: Tensor, lo: int, hi: int, rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, block: int = 512
+    out: Tensor,
+    lo: int,
+    hi: int,
+    rows: Tensor,
+    weights: Tensor,
+    table: Tensor,
+    ptr: Tensor,
+    block: int = 512,
+    accumulate: bool = False,
 ) -> None:
-    """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]], for latents lo..hi-1,
-    entries sorted by latent with CSR pointer `ptr` (n_latents + 1,); on the CPU `block` latents at a
-    time, so embedding_bag's per-entry temporaries stay small (a GPU takes them all at once)."""
+    """out[j] = sum over entries e of latent j of weights[e] * table[rows[e]] (`accumulate`: added to
+    out[j]), for latents lo..hi-1, entries sorted by latent with CSR pointer `ptr` (n_latents + 1,);
+    on the CPU `block` latents at a time, so embedding_bag's per-entry temporaries stay small (a GPU
+    takes them all at once)."""
     if hi <= lo:
         return
     step = hi - lo if out.device.type != "cpu" else block
     for j0, j1, p0, p1 in csr_blocks(ptr, lo, hi, step):
-        out[j0:j1] = _bag_block(rows, weights, table, ptr, j0, j1, p0, p1)
+        if accumulate:
+            out[j0:j1].add_(_bag_block(rows, weights, table, ptr, j0, j1, p0, p1))
+        else:
+            out[j0:j1] = _bag_block(rows, weights, table, ptr, j0, j1, p0, p1)
 
 
 # Entries per embedding_bag call of `bag_sum_blocks` (its per-entry temporaries stay this small).
@@ -264,28 +289,50 @@ _WENC_BLOCK = 256
 
 
 def segment_sum_transposed(
-    rows: Tensor, weights: Tensor, table: Tensor, ptr: Tensor, scale: float, b_dec: Tensor, colsum: Tensor
+    rows: Tensor,
+    weights: Tensor,
+    table: Tensor,
+    ptr: Tensor,
+    scale: float,
+    b_dec: Tensor,
+    colsum: Tensor,
+    more: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """(d, m) matrix whose column j is scale * sum_{e in latent j} weights[e] * table[rows[e]]
     - b_dec * colsum[j], for entries sorted by latent with CSR pointer `ptr`, built block by block
-    (no (m, d) intermediate)."""
+    (no (m, d) intermediate). `more`, a second set of entries (rows, weights, ptr) sorted by latent:
+    each latent's sum over it is added to its sum over the first."""
     m, d = ptr.numel() - 1, table.shape[1]
     weights = weights.to(table.dtype)
     if table.device.type != "cpu":
         # On a GPU the cache-sized blocks would only multiply kernel launches (and their bounds
         # need a host sync).
-        return _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum)
+        return _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum, more)
     out = torch.empty(d, m, dtype=table.dtype, device=table.device)
+    extra = None if more is None else csr_blocks(more[2], 0, m, _WENC_BLOCK)
     for j0, j1, p0, p1 in csr_blocks(ptr, 0, m, _WENC_BLOCK):
         part = _bag_block(rows, weights, table, ptr, j0, j1, p0, p1)
+        if more is not None and extra is not None:
+            _, _, q0, q1 = next(extra)
+            part.add_(_bag_block(more[0], more[1].to(table.dtype), table, more[2], j0, j1, q0, q1))
         # scale * part^T - b_dec (x) colsum, written into the block's columns in one pass
         torch.addr(part.t(), b_dec, colsum[j0:j1], beta=scale, alpha=-1, out=out[:, j0:j1])
     return out
 
 
-def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum) -> Tensor:
-    """`segment_sum_transposed` as one segment sum, then transposed (what a GPU runs)."""
-    part = F.embedding_bag(rows, table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True)
+def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum, more=None) -> Tensor:
+    """`segment_sum_transposed` as one segment sum (per entry set), then transposed (what a GPU runs)."""
+    part = F.embedding_bag(
+        rows.to(ptr.dtype), table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True
+    )
+    if more is not None:
+        rows2, weights2, ptr2 = more
+        part.add_(
+            F.embedding_bag(
+                rows2.to(ptr2.dtype), table, ptr2, mode="sum", per_sample_weights=weights2.to(table.dtype),
+                include_last_offset=True,
+            )
+        )  # fmt: skip
     out = torch.empty(table.shape[1], ptr.numel() - 1, dtype=table.dtype, device=table.device)
     return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1, out=out)
 

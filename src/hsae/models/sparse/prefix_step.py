@@ -14,15 +14,19 @@ E, whose squared norm is that prefix's loss. Only E, the reconstruction and the 
 
 Backward: d loss / d R_g = sum_{i >= g} w_i 2 E_i / n (w_i the incoming gradient of the loss that
 holds prefix i), a suffix sum, so the groups are walked from the last to the first, accumulating S
-and recovering E_{g-1} = E_g - R_g by decoding group g again (one more sparse decode in all). All
-entries (codes and AuxK) are sorted by latent once; because a group is a contiguous range of
-latents, group g's entries are a contiguous slice of that order, so its rows of grad W_dec (a segment
-sum) and its entries' value gradients (sampled dot products) are taken against the current S in one
-slice. AuxK entries in the slice read their own bags (n + r, the AuxK gradient), so each entry is
-handled exactly once with the gradient that belongs to it. AuxK over few dead latents comes instead
-as a dense block over their columns (`topk_step.dense_aux_forward/backward`, as the TopK step). The
-encoder gradients then follow exactly as in the TopK step (`topk_step.encoder_grads`: grad
-W_enc block by block in its own layout, from the raw batch).
+and recovering E_{g-1} = E_g - R_g by decoding group g again (one more sparse decode in all). The
+codes are sorted by latent once; because a group is a contiguous range of latents, group g's entries
+are a contiguous slice of that order, so its rows of grad W_dec (a segment sum) and its entries'
+value gradients (sampled dot products) are taken against the current S in one slice. Sparse AuxK
+entries, sorted by latent apart from the codes, are done first, against their own error A, which is
+then freed: A, E, S and grad W_dec are never live together (peak memory with many dead latents,
+issue 18). They give grad W_dec its AuxK rows, to which the walk adds the codes' (a latent with
+both gets the sum of two segment sums: one sum over all its entries up to float rounding), and
+their value gradients, summed into grad b_enc after the codes' (entry order, as one pass). AuxK over
+few dead latents comes instead as a dense block over their columns
+(`topk_step.dense_aux_forward/backward`, as the TopK step). The encoder gradients then follow as in
+the TopK step (`topk_step.encoder_grads`: grad W_enc block by block in its own layout, from the raw
+batch, the AuxK entries as a second entry set).
 
 tests/test_prefix_step.py checks losses and all gradients against the dense formulation.
 """
@@ -33,23 +37,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.models.sparse.ops import csr_blocks, segment_sum_into, sort_entries_by_latent, value_grads_
+from hsae.models.sparse.ops import (
+    csr_blocks,
+    latent_sums_,
+    segment_sum_into,
+    sort_entries_by_latent,
+    value_grads_,
+)
 from hsae.models.sparse.selection import TopKSelection
 from hsae.models.sparse.topk_step import (
+    aux_entries,
+    code_entries,
     dense_aux_forward,
     encoder_grads,
-    selection_entries,
     take_dense_aux_grads,
 )
 
 
 def _bag(cols: Tensor, vals: Tensor, W_dec: Tensor, offsets: Tensor, p0: int) -> Tensor:
-    """Rows of sum_e vals[e] * W_dec[cols[e]] for the CSR bags `offsets` over entries starting at p0."""
+    """Rows of sum_e vals[e] * W_dec[cols[e]] for the CSR bags `offsets` over entries starting at p0
+    (ids narrower than offsets, the int16 AuxK ids, widened: embedding_bag takes one dtype)."""
     # detached: the caller has its own backward, and embedding_bag of a weight that requires grad
     # also builds what autograd would need
     return F.embedding_bag(
-        cols, W_dec.detach(), offsets - p0, mode="sum", per_sample_weights=vals, include_last_offset=True
-    )
+        cols.to(offsets.dtype), W_dec.detach(), offsets - p0, mode="sum", per_sample_weights=vals,
+        include_last_offset=True,
+    )  # fmt: skip
 
 
 # Rows decoded at once when a group's reconstruction is added to the running error: the temporary
@@ -90,25 +103,32 @@ class _SparsePrefixStep(torch.autograd.Function):
         scale,
         cols,
         vals,
-        bag_offsets,
-        n_code,
+        offsets,
+        aux_cols,
+        aux_vals,
+        aux_offsets,
         bounds,
         aux_coef,
         dead_cols,
         aux_z,
     ):
         n, d = x.shape
-        n_bags = bag_offsets.numel() - 1
+        m = W_dec.shape[0]
         n_groups = len(bounds) - 1
-        device = cols.device
-        # Group-major order of the code entries (rows stay in order within a group).
-        code_cols, code_vals = cols[:n_code], vals[:n_code]
-        rows = torch.arange(n, device=device).repeat_interleave(bag_offsets[: n + 1].diff(), output_size=n_code)
-        inner = torch.tensor(bounds[1:-1], dtype=code_cols.dtype, device=device)
-        gid = torch.bucketize(code_cols, inner, right=True)
+        device = x.device
+        n_code = cols.numel()
+        # Group-major order of the codes (rows stay in order within a group): offsets int32 where they
+        # fit; with sparse AuxK entries (the step's peak memory) latent ids int16 where they fit on the
+        # CPU (`_bag` widens them block by block).
+        index_dtype = torch.int32 if max(n_code, m) < 2**31 else torch.long
+        narrow_ids = aux_cols is not None and device.type == "cpu" and m < 2**15
+        id_dtype = torch.int16 if narrow_ids else index_dtype
+        rows = torch.arange(n, device=device).repeat_interleave(offsets.diff(), output_size=n_code)
+        inner = torch.tensor(bounds[1:-1], dtype=cols.dtype, device=device)
+        gid = torch.bucketize(cols, inner, right=True)
         perm = torch.sort(gid.to(torch.int32), stable=True).indices
-        group_cols, group_vals = code_cols.index_select(0, perm), code_vals.index_select(0, perm)
-        goff = torch.zeros(n_groups * n + 1, dtype=code_cols.dtype, device=device)  # embedding_bag: ids' dtype
+        group_cols, group_vals = cols.to(id_dtype).index_select(0, perm), vals.index_select(0, perm)
+        goff = torch.zeros(n_groups * n + 1, dtype=index_dtype, device=device)  # embedding_bag: ids' dtype
         torch.cumsum(torch.bincount(gid * n + rows, minlength=n_groups * n), 0, out=goff[1:])
         del rows, gid, perm
         starts = goff[::n].tolist()  # entry position where each group begins (and the end)
@@ -124,94 +144,114 @@ class _SparsePrefixStep(torch.autograd.Function):
         prefix = torch.stack(losses[:-1]).sum() if n_groups > 1 else torch.zeros((), dtype=E.dtype, device=device)
         x_hat = torch.add(x, E, alpha=1 / scale)
 
-        # Gradient buffer: bags 0..n-1 hold S in the backward, bags n.. the AuxK error.
-        G = torch.empty(n_bags, d, dtype=E.dtype, device=device)
-        ctx.dense_A = None
+        ctx.dense_A = ctx.A = None
         if aux_z is not None:  # AuxK as a dense block over the dead latents' columns
             ctx.dense_A, aux = dense_aux_forward(E, aux_z, W_dec, dead_cols, aux_coef)
-        elif n_bags > n:
-            A = G[n:]
-            _add_group_(A, cols, vals, W_dec, bag_offsets[n:], None)  # in row blocks (no (n, d) temporary)
+        elif aux_cols is not None:
+            # The AuxK error in a buffer of its own: the backward is done with it before its loop over
+            # the groups (peak memory).
+            A = torch.empty_like(E)
+            _add_group_(A, aux_cols, aux_vals, W_dec, aux_offsets, None)  # in row blocks (no (n, d) temporary)
             A.add_(E)  # the dead latents' reconstruction minus the live residual xn - xn_hat = -E
             flat = A.reshape(-1)
             aux = torch.nan_to_num(torch.dot(flat, flat).mul_(aux_coef / max(1, n)))
+            ctx.A = A
         else:
             aux = torch.zeros((), dtype=E.dtype, device=device)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W_enc, W_dec, b_dec, x, bag_offsets, group_cols, group_vals, goff, dead_cols)
+        ctx.save_for_backward(W_enc, W_dec, b_dec, x, group_cols, group_vals, goff, dead_cols)
         # The entries are kept on ctx rather than saved, so the backward can drop them once it has
-        # them in latent order (with many dead latents they are the step's largest arrays).
-        ctx.entries = (cols, vals)
+        # them in latent order (with many dead latents the AuxK ones are the step's largest arrays).
+        ctx.codes = (cols, vals, offsets)
+        ctx.aux_entries = None if aux_cols is None else (aux_cols, aux_vals, aux_offsets)
         ctx.aux_z = aux_z  # (no autograd history) freed as soon as the backward is done with it
-        ctx.E, ctx.G = E, G  # not saved: the backward overwrites them in place
+        ctx.E = E  # not saved: the backward overwrites it in place
         ctx.scale, ctx.aux_coef, ctx.bounds, ctx.starts = scale, aux_coef, bounds, starts
         return x_hat, mse, prefix, aux
 
     @staticmethod
     def backward(ctx, g_xhat, g_mse, g_prefix, g_aux):
-        E, G = ctx.E, ctx.G
+        E, A = ctx.E, ctx.A
         if E is None:
             raise RuntimeError(
                 "the sparse Matryoshka step cannot be backpropagated twice (retain_graph is not supported)"
             )
-        ctx.E = ctx.G = None
-        W_enc, W_dec, b_dec, x, bag_offsets, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
-        cols, vals = ctx.entries
-        ctx.entries = None
-        grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
+        ctx.E = ctx.A = None
+        W_enc, W_dec, b_dec, x, group_cols, group_vals, goff, dead_cols = ctx.saved_tensors
+        cols, vals, offsets = ctx.codes
+        aux_entries = ctx.aux_entries
+        ctx.codes = ctx.aux_entries = None
+        dense, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols, x)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
+        need_vals = need_we or need_be or need_bd
         n, d = x.shape
         m = W_dec.shape[0]
-        n_bags = bag_offsets.numel() - 1
         s, bounds, starts = ctx.scale, ctx.bounds, ctx.starts
         n_groups = len(bounds) - 1
-
-        S = G[:n]
+        # Latent order (sort_entries_by_latent: no int64 permutation on the CPU, the latents given by
+        # ptr); with sparse AuxK entries token ids int16 where they fit on the CPU (widened block by
+        # block where read).
+        n_entries = cols.numel() + (0 if aux_entries is None else aux_entries[0].numel())
+        narrow = torch.int32 if max(n_entries, m) < 2**31 else torch.long
+        bag_dtype = torch.int16 if A is not None and x.device.type == "cpu" and n < 2**15 else narrow
+        gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
+        aux = None
+        if A is not None:
+            assert aux_entries is not None
+            aux_offsets = aux_entries[2]
+            if g_aux is None:
+                A.zero_()
+            else:
+                A.mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
+            entries = [aux_entries[0], aux_entries[1]]
+            aux_entries = None
+            aux = sort_entries_by_latent(entries, aux_offsets, m, narrow, bag_dtype)
+        grad_wd = torch.empty_like(W_dec) if need_wd else None  # after the AuxK sort (peak memory)
+        if aux is not None:
+            # The AuxK entries first, while their error A lives: their rows of grad W_dec (a latent's
+            # codes add theirs in the loop below) and their value gradients, in place of their values.
+            if grad_wd is not None:
+                segment_sum_into(grad_wd, 0, m, aux[0], aux[1], A, aux[2], WDEC_BLOCK)
+            if need_vals:
+                value_grads_(aux[1], A, W_dec, aux[0], aux_offsets, aux[2])
+        del A
+        S = torch.empty_like(E)
         if g_xhat is None:
             S.zero_()
         else:
             torch.mul(g_xhat, 1 / s, out=S)
-        if n_bags > n:
-            if g_aux is None:
-                G[n:].zero_()
-            else:
-                G[n:].mul_(g_aux * (2 * ctx.aux_coef / max(1, n)))
-        # Latent order (sort_entries_by_latent: int32 bag ids where they fit, no int64 permutation on
-        # the CPU, the latents given by ptr); the value gradients overwrite the values group by group.
-        narrow = torch.int32 if max(cols.numel(), n_bags, m) < 2**31 else torch.long
+        # The codes in latent order; the value gradients overwrite the values group by group.
         entries = [cols, vals]
         del cols, vals
-        bags_s, vals_s, ptr = sort_entries_by_latent(entries, bag_offsets, m, narrow)
-        gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
+        bags_s, vals_s, ptr = sort_entries_by_latent(entries, offsets, m, narrow, bag_dtype)
         cut = ptr[torch.tensor(bounds, device=ptr.device)].tolist()  # where each group's latents begin
-        grad_wd = torch.empty_like(W_dec) if need_wd else None
         two_over_n = 2.0 / max(1, n)
         for g in reversed(range(n_groups)):
             w = g_mse if g == n_groups - 1 else g_prefix
             if w is not None:
                 S.addcmul_(E, w * two_over_n)
+            if g == 0:
+                del E  # E_0 is in S now
             lo, hi, p0, p1 = bounds[g], bounds[g + 1], cut[g], cut[g + 1]
-            if need_wd:
-                segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, G, ptr, WDEC_BLOCK)
-            if p1 > p0 and (need_we or need_be or need_bd):
-                value_grads_(vals_s, G, W_dec, bags_s, bag_offsets, ptr, lo, hi, gb)
-            if g > 0:
-                if starts[g + 1] > starts[g]:
-                    _add_group_(E, group_cols, group_vals, W_dec, goff[g * n : (g + 1) * n + 1], -1.0)
-        del E
-        grad_we = grad_be = grad_bd = None
-        if need_bd:
-            grad_bd = S.sum(0)
-        del S, G
+            if grad_wd is not None:
+                segment_sum_into(grad_wd, lo, hi, bags_s, vals_s, S, ptr, WDEC_BLOCK, accumulate=aux is not None)
+            if p1 > p0 and need_vals:
+                value_grads_(vals_s, S, W_dec, bags_s, offsets, ptr, lo, hi, gb)
+            if g > 0 and starts[g + 1] > starts[g]:
+                _add_group_(E, group_cols, group_vals, W_dec, goff[g * n : (g + 1) * n + 1], -1.0)
+        if aux is not None and need_vals:
+            latent_sums_(gb, aux[1], aux[2])  # after the codes' sums: each latent's in entry order
+        grad_bd = S.sum(0) if need_bd else None
+        del S
         if grad_wd is not None and grad_wd_dead is not None:
             grad_wd.index_add_(0, dead_cols, grad_wd_dead)
         del grad_wd_dead
-        if not (need_we or need_be or need_bd):
-            return None, None, grad_wd, grad_bd, *([None] * 10)
+        if not need_vals:
+            return None, None, grad_wd, grad_bd, *([None] * 12)
         grad_we, grad_be = encoder_grads(
-            W_enc, x, s, b_dec, None, vals_s, bags_s, ptr, n, grad_bd, need_we, need_be, grad_z, dead_cols, gb
+            W_enc, x, s, b_dec, None, vals_s, bags_s, ptr, n, grad_bd, need_we, need_be, dense, dead_cols, gb, aux
         )
-        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 10)
+        return grad_we, grad_be, grad_wd, grad_bd, *([None] * 12)
 
 
 def sparse_prefix_step(
@@ -231,18 +271,18 @@ def sparse_prefix_step(
     docstring; AuxK from the selection's sparse entries or from `dense_aux` (as
     `topk_step.sparse_topk_step`). All four parameters get their gradients through the selected entries
     only."""
-    n_code = sel.indices.numel()
-    # With AuxK entries the concatenated ids are a new array: int32 where they fit (half the memory);
-    # the codes alone pass as they are (no copy).
+    # The codes as selected (no copy) and the AuxK entries apart from them (no concatenated copy).
+    cols, vals, offsets = code_entries(sel)
     index_dtype = torch.long
-    if sel.aux_indices is not None and n_code + sel.aux_indices.numel() + 2 * x.shape[0] < 2**31:
+    if sel.aux_indices is not None and sel.aux_indices.numel() < 2**31:
         index_dtype = torch.int32
-    has_aux = sel.aux_values is not None
-    cols, vals, offsets = selection_entries(sel, index_dtype)
-    # The AuxK entries now live in (cols, vals): drop the selection's copies before the decoder runs.
+    aux = aux_entries(sel, index_dtype)
+    # The AuxK entries now live in `aux`: drop the selection's references before the decoder runs.
     sel.aux_values = sel.aux_indices = None
+    aux_cols, aux_vals, aux_offsets = aux if aux is not None else (None, None, None)
+    del aux
     dead_cols, aux_z = dense_aux if dense_aux is not None else (None, None)
-    x_hat, mse, prefix, aux = _SparsePrefixStep.apply(
+    x_hat, mse, prefix, auxk = _SparsePrefixStep.apply(
         W_enc,
         b_enc,
         W_dec,
@@ -252,13 +292,15 @@ def sparse_prefix_step(
         cols,
         vals.to(W_dec.dtype),
         offsets,
-        n_code,
+        aux_cols,
+        None if aux_vals is None else aux_vals.to(W_dec.dtype),
+        aux_offsets,
         [int(b) for b in bounds],
         float(aux_coef),
         dead_cols,
         aux_z,
     )
-    return x_hat, mse, prefix, (aux if has_aux or dense_aux is not None else None)
+    return x_hat, mse, prefix, (auxk if aux_cols is not None or dense_aux is not None else None)
 
 
 __all__ = ["sparse_prefix_step"]

@@ -109,10 +109,12 @@ _MASKED_ROWS = 64
 @torch.no_grad()
 def masked_topk_into(pre: Tensor, cols: Tensor, k: int, values: Tensor, indices: Tensor) -> None:
     """`masked_topk_select` written into `values` / `indices` ((n, k); latent ids in indices' dtype),
-    `_MASKED_ROWS` rows at a time (each row's selection is the same; the temporaries stay small)."""
+    `_MASKED_ROWS` rows at a time (each row's selection is the same; the temporaries stay small).
+    `cols` may be int16 (widened here once: index_select takes int32 or int64 ids)."""
+    wide = cols.int() if cols.dtype == torch.int16 else cols
     for r0 in range(0, pre.shape[0], _MASKED_ROWS):
         r1 = min(pre.shape[0], r0 + _MASKED_ROWS)
-        values[r0:r1], indices[r0:r1] = masked_topk_select(pre[r0:r1], cols, k)
+        values[r0:r1], indices[r0:r1] = masked_topk_select(pre[r0:r1], wide, k)
 
 
 def _block_maxima(pre: Tensor, min_blocks: int) -> Tensor:
@@ -125,17 +127,24 @@ def _block_maxima(pre: Tensor, min_blocks: int) -> Tensor:
     return pre
 
 
-def _entries_at_least(pre: Tensor, thr: float) -> tuple[Tensor, Tensor]:
-    """(flat row-major positions, values) of the entries of `pre` (c, m) that are > 0 and >= thr, in
-    no particular order. Looks at the strided blocks whose maximum passes first, so that only a
-    small part of the chunk is compared entry by entry when the threshold is high."""
+def _entries_at_least(pre: Tensor, thr: float, pos_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor]:
+    """(flat row-major positions in `pos_dtype`, values) of the entries of `pre` (c, m) that are > 0
+    and >= thr, in no particular order. Looks at the strided blocks whose maximum passes first, so
+    that only a small part of the chunk is compared entry by entry when the threshold is high."""
     c, m = pre.shape
     size = next((s for s in (16, 8, 4) if m % s == 0 and m // s >= 2), 0)
     if size and cpu_select.enabled() and pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64):
         try:
-            return cpu_select.entries_at_least(pre.detach().contiguous(), thr, size)  # the same, compiled
+            return cpu_select.entries_at_least(pre.detach().contiguous(), thr, size, pos_dtype)  # compiled
         except cpu_select.CompileError as err:  # go on with the torch ops below
             cpu_select.disable(err)
+    pos, vals = _entries_at_least_torch(pre, thr, size)
+    return pos.to(pos_dtype), vals
+
+
+def _entries_at_least_torch(pre: Tensor, thr: float, size: int) -> tuple[Tensor, Tensor]:
+    """`_entries_at_least` in torch ops (int64 positions)."""
+    c, m = pre.shape
 
     def passes(t: Tensor) -> Tensor:
         # both tests when thr > 0: a threshold below the dtype's resolution rounds to 0 in the compare
@@ -189,6 +198,8 @@ class BatchTopKCollector:
         self.bound = -math.inf if bound is None else float(bound)
         self.hint = None if hint is None else float(hint)
         self.device, self.dtype = device, dtype
+        # candidate positions in int32 where the batch's flat positions fit (a third less memory)
+        self.pos_dtype = torch.int32 if n * m < 2**31 else torch.long
         self._pos: list[Tensor] = []
         self._vals: list[Tensor] = []
         self.count = 0
@@ -202,7 +213,7 @@ class BatchTopKCollector:
         """Offer rows row0 .. row0 + len(pre) of the batch's pre-activations."""
         if self.total == 0:
             return
-        pos, vals = _entries_at_least(pre, self.threshold())
+        pos, vals = _entries_at_least(pre, self.threshold(), self.pos_dtype)
         if row0:
             pos.add_(row0 * self.m)
         self._pos.append(pos)
@@ -214,7 +225,7 @@ class BatchTopKCollector:
     def _cat(self) -> tuple[Tensor, Tensor]:
         if not self._pos:
             return (
-                torch.empty(0, dtype=torch.long, device=self.device),
+                torch.empty(0, dtype=self.pos_dtype, device=self.device),
                 torch.empty(0, dtype=self.dtype, device=self.device),
             )
         if len(self._pos) > 1:

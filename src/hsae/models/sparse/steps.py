@@ -121,8 +121,12 @@ class FusedTopKStep:
         cfg = model.config
         dead_cols, k_aux = aux_plan(model, ctx)
         dense = dead_cols is not None and x.shape[0] * dead_cols.numel() <= self.dense_auxk_max_elements
-        # The AuxK entries' latent ids come in dead_cols' dtype: int32 halves the (n, k_aux) ids.
-        sel_dead = None if dense or dead_cols is None else dead_cols.to(torch.int32)
+        # The AuxK entries' latent ids come in dead_cols' dtype: int16 on the CPU where they fit, else
+        # int32, keeps the (n, k_aux) ids small.
+        sel_dead = None
+        if not dense and dead_cols is not None:
+            narrow = x.device.type == "cpu" and model.n_latents < 2**15
+            sel_dead = dead_cols.to(torch.int16 if narrow else torch.int32)
         selection = self.selection(model, x, sel_dead, k_aux, self.chunk_rows)
         dense_aux = None
         if dense:

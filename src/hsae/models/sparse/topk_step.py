@@ -64,17 +64,23 @@ def dense_aux_backward(
 
 
 def take_dense_aux_grads(
-    ctx, g_aux: Tensor | None, W_dec: Tensor, dead_cols: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
+    ctx, g_aux: Tensor | None, W_dec: Tensor, dead_cols: Tensor | None, x: Tensor
+) -> tuple[tuple[Tensor, Tensor | None] | None, Tensor | None]:
     """`dense_aux_backward` of the block a fused step's forward left on ctx (`dense_A`, `aux_z`),
-    releasing both: the steps call it first in their backward, so the block's (n, d) error and
-    (n, n_dead) codes are gone before any (n_latents, d) gradient exists (peak memory)."""
+    releasing both: (the encoder's share of its value gradients grad_z, (grad_z.sum(0),
+    ctx.scale * x^T grad_z or None when W_enc needs no gradient) for `encoder_grads`; its share of
+    grad W_dec[dead]). The steps call it first in their backward, so the block's (n, d) error and
+    (n, n_dead) codes and value gradients are gone before any (n_latents, d) gradient exists (peak
+    memory)."""
     if dead_cols is None or ctx.dense_A is None:
         ctx.dense_A = ctx.aux_z = None
         return None, None
-    grads = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
+    grad_z, grad_wd_dead = dense_aux_backward(ctx.dense_A, g_aux, ctx.aux_coef, W_dec, dead_cols, ctx.aux_z)
     ctx.dense_A = ctx.aux_z = None
-    return grads
+    if grad_z is None:
+        return None, grad_wd_dead
+    xz = (x.t() @ grad_z).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+    return (grad_z.sum(0), xz), grad_wd_dead
 
 
 class _SparseTopKStep(torch.autograd.Function):
@@ -135,7 +141,7 @@ class _SparseTopKStep(torch.autograd.Function):
         W_enc, W_dec, b_dec, x, bag_offsets, dead_cols = ctx.saved_tensors
         cols, vals = ctx.entries
         ctx.entries = None
-        grad_z, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols)
+        dense, grad_wd_dead = take_dense_aux_grads(ctx, g_aux, W_dec, dead_cols, x)
         need_we, need_be, need_wd, need_bd = ctx.needs_input_grad[:4]
         n, d = x.shape
         m = W_dec.shape[0]
@@ -161,12 +167,14 @@ class _SparseTopKStep(torch.autograd.Function):
         # as soon as it is not needed: with many dead latents the AuxK entries outnumber the codes'
         # several times and these arrays are the step's peak (issue 18).
         # Latent order without an int64 permutation on the CPU (sort_entries_by_latent), bag ids int32
-        # where they fit (half the memory of int64 ones); the sorted entries' latents are not stored
-        # (ptr gives them); the value gradients overwrite the values (value_grads_).
+        # where they fit, with AuxK entries int16 on the CPU where they fit (widened block by block
+        # where read); the sorted entries' latents are not stored (ptr gives them); the value
+        # gradients overwrite the values (value_grads_).
         narrow = torch.int32 if max(cols.numel(), n_bags, m) < 2**31 else torch.long
+        bag_dtype = torch.int16 if x.device.type == "cpu" and n < n_bags < 2**15 else narrow
         entries = [cols, vals]
         del cols, vals
-        bags_sorted, vals_sorted, ptr = sort_entries_by_latent(entries, bag_offsets, m, narrow)
+        bags_sorted, vals_sorted, ptr = sort_entries_by_latent(entries, bag_offsets, m, narrow, bag_dtype)
         if need_wd:
             grad_wd = torch.empty_like(W_dec)
             segment_sum_into(grad_wd, 0, m, bags_sorted, vals_sorted, G, ptr, WDEC_BLOCK)
@@ -179,10 +187,11 @@ class _SparseTopKStep(torch.autograd.Function):
         # per latent (grad b_enc's share of the entries)
         g_sorted = vals_sorted
         del vals_sorted
-        gb = value_grads_(g_sorted, G, W_dec, bags_sorted, bag_offsets, ptr)
+        gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
+        value_grads_(g_sorted, G, W_dec, bags_sorted, bag_offsets, ptr, gb=gb)
         del G
         grad_we, grad_be = encoder_grads(
-            W_enc, x, s, b_dec, None, g_sorted, bags_sorted, ptr, n, grad_bd, need_we, need_be, grad_z,
+            W_enc, x, s, b_dec, None, g_sorted, bags_sorted, ptr, n, grad_bd, need_we, need_be, dense,
             dead_cols, gb,
         )  # fmt: skip
         return grad_we, grad_be, grad_wd, grad_bd, *([None] * 8)
@@ -201,54 +210,72 @@ def encoder_grads(
     grad_bd: Tensor | None,
     need_we: bool,
     need_be: bool,
-    grad_z: Tensor | None = None,
+    dense: tuple[Tensor, Tensor | None] | None = None,
     dead_cols: Tensor | None = None,
     gb: Tensor | None = None,
+    more: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(grad W_enc, grad b_enc) from the gradients g of the selected pre-activations, entries sorted
     by latent (cols, bags with CSR pointer ptr; bags >= n are AuxK bags of token bag - n), plus a dense
-    AuxK block's value gradients grad_z over `dead_cols`; grad_bd gets the encoder's share,
-    -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec). `gb`, if
+    AuxK block's shares `dense` over `dead_cols` (`take_dense_aux_grads`); grad_bd gets the encoder's
+    share, -W_enc colsum, in place. grad W_enc[:, j] = sum of g * (scale * x[token] - b_dec). `gb`, if
     given, is the entries' sum of g per latent already (`cols` is then not read) and gets the dense
-    block's share in place."""
+    block's share in place. `more`: a second set of entries (token ids, g, ptr) sorted by latent,
+    whose sums of g are in `gb` too (`segment_sum_transposed`)."""
     if gb is None:
         assert cols is not None
         gb = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, cols, g)
-    if grad_z is not None and dead_cols is not None:
-        gb.index_add_(0, dead_cols, grad_z.sum(0))
+    if dense is not None and dead_cols is not None:
+        gb.index_add_(0, dead_cols, dense[0])
     if grad_bd is not None:
         grad_bd.addmv_(W_enc, gb, alpha=-1)
     grad_we = None
     if need_we:
         bags.remainder_(n)  # AuxK bags n + r read token r
-        grad_we = segment_sum_transposed(bags, g, x, ptr, scale, b_dec, gb)
-        if grad_z is not None and dead_cols is not None:  # the b_dec part is in gb already
-            grad_we.index_add_(1, dead_cols, (x.t() @ grad_z).mul_(scale))
+        grad_we = segment_sum_transposed(bags, g, x, ptr, scale, b_dec, gb, more)
+        if dense is not None and dense[1] is not None and dead_cols is not None:  # b_dec's part is in gb
+            grad_we.index_add_(1, dead_cols, dense[1])
     return grad_we, (gb if need_be else None)
 
 
-def selection_entries(sel: TopKSelection, index_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR (cols, vals, bag_offsets) of a selection's codes (bags 0..n-1) and, if any, its AuxK
-    entries with a value > 0 (bags n..2n-1; the others contribute nothing); cols and bag_offsets in
-    `index_dtype` (embedding_bag takes int32 or int64 ids, both of one dtype)."""
+def code_entries(sel: TopKSelection, index_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR (cols, vals, bag_offsets) of a selection's codes (bag r: token r): cols and vals as
+    selected (flat views, no copy), bag_offsets in `index_dtype`."""
     if sel.offsets is None:
         n, k = sel.indices.shape
         cols, vals = sel.indices.reshape(-1), sel.values.reshape(-1)
         offsets = torch.arange(0, n * k + 1, max(1, k), device=cols.device, dtype=index_dtype)[: n + 1]
-    else:
-        cols, vals, offsets = sel.indices, sel.values, sel.offsets.to(index_dtype)
+        return cols, vals, offsets
+    return sel.indices, sel.values, sel.offsets.to(index_dtype)
+
+
+def aux_entries(sel: TopKSelection, index_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor, Tensor] | None:
+    """CSR (cols, vals, bag_offsets) of a selection's AuxK entries with a value > 0 (bag r: token r;
+    the others contribute nothing), None without AuxK entries: cols in the selection's dtype (flat
+    views where every entry is > 0), bag_offsets in `index_dtype`."""
     if sel.aux_values is None:
-        return cols.to(index_dtype), vals, offsets
+        return None
     assert sel.aux_indices is not None
     live = sel.aux_values > 0
-    aux_off = torch.zeros(live.shape[0], dtype=index_dtype, device=cols.device)
-    torch.cumsum(live.sum(1), 0, out=aux_off)
+    aux_off = torch.zeros(live.shape[0] + 1, dtype=index_dtype, device=live.device)
+    torch.cumsum(live.sum(1), 0, out=aux_off[1:])
     aux_cols, aux_vals = sel.aux_indices.reshape(-1), sel.aux_values.reshape(-1)
     if not bool(live.all()):  # flat positions of the live entries, found once for both arrays
         keep = live.reshape(-1).nonzero().squeeze(1)
         aux_cols, aux_vals = aux_cols.index_select(0, keep), aux_vals.index_select(0, keep)
-        del keep
-    del live
+    return aux_cols, aux_vals, aux_off
+
+
+def selection_entries(sel: TopKSelection, index_dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR (cols, vals, bag_offsets) of a selection's codes (bags 0..n-1) and, if any, its AuxK
+    entries with a value > 0 (bags n..2n-1; `aux_entries`); cols and bag_offsets in `index_dtype`
+    (embedding_bag takes int32 or int64 ids, both of one dtype)."""
+    cols, vals, offsets = code_entries(sel, index_dtype)
+    aux = aux_entries(sel, index_dtype)
+    if aux is None:
+        return cols.to(index_dtype), vals, offsets
+    aux_cols, aux_vals, aux_off = aux
+    del aux
     n_code = cols.numel()
     all_cols = torch.empty(n_code + aux_cols.numel(), dtype=index_dtype, device=cols.device)
     all_cols[:n_code] = cols
@@ -257,7 +284,7 @@ def selection_entries(sel: TopKSelection, index_dtype: torch.dtype = torch.long)
     return (
         all_cols,
         torch.cat([vals, aux_vals]),
-        torch.cat([offsets, aux_off.add_(n_code)]),
+        torch.cat([offsets, aux_off[1:].add_(n_code)]),
     )
 
 
