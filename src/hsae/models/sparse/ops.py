@@ -5,7 +5,8 @@
   segment sum, no (nnz, d) temporary) and grad values as a sampled dot product. It never builds the
   dense (n, n_latents) code.
 - `segment_sum`, `segment_sum_transposed`, `bag_sum`, `sampled_dot`, `group_by_latent`, `row_ids`,
-  `sort_entries_by_latent`, `value_grads_`, `latent_sums_`, `segment_sum_into`: the building blocks
+  `sort_entries_by_latent`, `value_grads_`, `latent_sums_`, `segment_sum_into`, `ids_dtype_for`,
+  `small_ids_dtype_for`: the building blocks
   of the fused training steps (hsae.models.sparse.topk_step, prefix_step).
 - `encoder_matmul` (optionally in bf16), `remove_parallel_component_` (the unit-norm decoder rule,
   in place, in blocks).
@@ -58,6 +59,17 @@ def group_by_latent(cols: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
     ptr = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
     torch.cumsum(torch.bincount(cols, minlength=n_latents), 0, out=ptr[1:])
     return order, ptr
+
+
+def ids_dtype_for(bound: int) -> torch.dtype:
+    """int32 for ids and offsets below `bound` where they fit (half of int64's memory), else int64."""
+    return torch.int32 if bound < 2**31 else torch.long
+
+
+def small_ids_dtype_for(bound: int, device: torch.device, otherwise: torch.dtype) -> torch.dtype:
+    """int16 for ids below `bound` on the CPU where they fit (the ops here widen them block by block
+    where read), else `otherwise`."""
+    return torch.int16 if device.type == "cpu" and bound < 2**15 else otherwise
 
 
 def csr_blocks(ptr: Tensor, lo: int, hi: int, step: int) -> Iterator[tuple[int, int, int, int]]:

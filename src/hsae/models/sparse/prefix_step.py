@@ -39,8 +39,10 @@ from torch import Tensor
 
 from hsae.models.sparse.ops import (
     csr_blocks,
+    ids_dtype_for,
     latent_sums_,
     segment_sum_into,
+    small_ids_dtype_for,
     sort_entries_by_latent,
     value_grads_,
 )
@@ -120,15 +122,14 @@ class _SparsePrefixStep(torch.autograd.Function):
         # Group-major order of the codes (rows stay in order within a group): offsets int32 where they
         # fit; with sparse AuxK entries (the step's peak memory) latent ids int16 where they fit on the
         # CPU (`_bag` widens them block by block).
-        index_dtype = torch.int32 if max(n_code, m) < 2**31 else torch.long
-        narrow_ids = aux_cols is not None and device.type == "cpu" and m < 2**15
-        id_dtype = torch.int16 if narrow_ids else index_dtype
+        offsets_dtype = ids_dtype_for(max(n_code, m))
+        id_dtype = offsets_dtype if aux_cols is None else small_ids_dtype_for(m, device, offsets_dtype)
         rows = torch.arange(n, device=device).repeat_interleave(offsets.diff(), output_size=n_code)
         inner = torch.tensor(bounds[1:-1], dtype=cols.dtype, device=device)
         gid = torch.bucketize(cols, inner, right=True)
         perm = torch.sort(gid.to(torch.int32), stable=True).indices
         group_cols, group_vals = cols.to(id_dtype).index_select(0, perm), vals.index_select(0, perm)
-        goff = torch.zeros(n_groups * n + 1, dtype=index_dtype, device=device)  # embedding_bag: ids' dtype
+        goff = torch.zeros(n_groups * n + 1, dtype=offsets_dtype, device=device)  # embedding_bag: ids' dtype
         torch.cumsum(torch.bincount(gid * n + rows, minlength=n_groups * n), 0, out=goff[1:])
         del rows, gid, perm
         starts = goff[::n].tolist()  # entry position where each group begins (and the end)
@@ -192,8 +193,8 @@ class _SparsePrefixStep(torch.autograd.Function):
         # ptr); with sparse AuxK entries token ids int16 where they fit on the CPU (widened block by
         # block where read).
         n_entries = cols.numel() + (0 if aux_entries is None else aux_entries[0].numel())
-        narrow = torch.int32 if max(n_entries, m) < 2**31 else torch.long
-        bag_dtype = torch.int16 if A is not None and x.device.type == "cpu" and n < 2**15 else narrow
+        narrow = ids_dtype_for(max(n_entries, m))
+        bag_dtype = narrow if A is None else small_ids_dtype_for(n, x.device, narrow)
         gb = torch.zeros(m, dtype=W_dec.dtype, device=W_dec.device)
         aux = None
         if A is not None:

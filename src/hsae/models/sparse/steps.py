@@ -34,6 +34,7 @@ from torch import Tensor
 from hsae.models.auxk import aux_plan
 from hsae.models.base import SAEOutput, StepContext
 from hsae.models.codes import SparseCodes
+from hsae.models.sparse.ops import small_ids_dtype_for
 from hsae.models.sparse.prefix_step import sparse_prefix_step
 from hsae.models.sparse.selection import (
     DEFAULT_CHUNK_ROWS,
@@ -125,8 +126,7 @@ class FusedTopKStep:
         # int32, keeps the (n, k_aux) ids small.
         sel_dead = None
         if not dense and dead_cols is not None:
-            narrow = x.device.type == "cpu" and model.n_latents < 2**15
-            sel_dead = dead_cols.to(torch.int16 if narrow else torch.int32)
+            sel_dead = dead_cols.to(small_ids_dtype_for(model.n_latents, x.device, torch.int32))
         selection = self.selection(model, x, sel_dead, k_aux, self.chunk_rows)
         dense_aux = None
         if dense:

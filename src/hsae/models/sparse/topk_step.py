@@ -21,8 +21,10 @@ from torch import Tensor
 from hsae.models.sparse.ops import (
     bag_sum_blocks,
     encoder_matmul,
+    ids_dtype_for,
     segment_sum_into,
     segment_sum_transposed,
+    small_ids_dtype_for,
     sort_entries_by_latent,
     value_grads_,
 )
@@ -170,8 +172,8 @@ class _SparseTopKStep(torch.autograd.Function):
         # where they fit, with AuxK entries int16 on the CPU where they fit (widened block by block
         # where read); the sorted entries' latents are not stored (ptr gives them); the value
         # gradients overwrite the values (value_grads_).
-        narrow = torch.int32 if max(cols.numel(), n_bags, m) < 2**31 else torch.long
-        bag_dtype = torch.int16 if x.device.type == "cpu" and n < n_bags < 2**15 else narrow
+        narrow = ids_dtype_for(max(cols.numel(), n_bags, m))
+        bag_dtype = small_ids_dtype_for(n_bags, x.device, narrow) if n_bags > n else narrow
         entries = [cols, vals]
         del cols, vals
         bags_sorted, vals_sorted, ptr = sort_entries_by_latent(entries, bag_offsets, m, narrow, bag_dtype)
