@@ -11,6 +11,18 @@ def test_from_dict_coerces_strings_and_validates():
     assert from_dict(TrainConfig, {"dead_window_tokens": "1e6"}).dead_window_tokens == 1_000_000
 
 
+def test_default_dead_window_is_64_mean_firing_intervals():
+    cfg = TrainConfig()
+    assert cfg.dead_window_tokens is None
+    assert cfg.resolved_dead_window(3072, 32) == 64 * 3072 // 32
+    assert cfg.resolved_dead_window(512, 6) == 5461
+    assert cfg.resolved_dead_window(64, None) == 1_000_000  # no k: no mean interval to scale by
+    assert TrainConfig(dead_window_tokens=5000).resolved_dead_window(3072, 32) == 5000
+    assert from_dict(TrainConfig, {"dead_window_tokens": "none"}).dead_window_tokens is None
+    with pytest.raises(HsaeError, match="dead_window_tokens must be positive"):
+        from_dict(TrainConfig, {"dead_window_tokens": 0})
+
+
 def test_unknown_option_is_named():
     with pytest.raises(HsaeError, match="unknown option.*bogus"):
         from_dict(TopKConfig, {"arch": "topk", "d_in": 4, "n_latents": 8, "k": 2, "bogus": 1})

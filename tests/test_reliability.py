@@ -163,7 +163,7 @@ def test_os_errors_name_the_path_and_the_cause(saved_model, capsys, monkeypatch)
         (["--batch-size", "64"], ["--batch-size is 64 now but 128"]),
         (["--steps", "80"], ["--steps is 80 now but 60", "schedule"]),
         (["-o", "lr_warmup_steps=5"], ["-o lr_warmup_steps is 5 now but 100"]),
-        (["-o", "dead_window_tokens=5000"], ["-o dead_window_tokens is 5000 now but 1000000"]),
+        (["-o", "dead_window_tokens=5000"], ["-o dead_window_tokens is 5000 now but 1365"]),  # 64 x 64 / 3
         (["-o", "aux_coef=0.5"], ["aux_coef is 0.5 now"]),
     ],
 )
@@ -171,6 +171,17 @@ def test_resume_refuses_options_that_change_the_run(stopped_run, capsys, extra, 
     before = listing(stopped_run)
     one_error(capsys, [*train_args(stopped_run, "--resume"), *extra], "--resume", *names)
     assert listing(stopped_run) == before
+
+
+def test_resume_keeps_the_runs_own_dead_window(stopped_run, tmp_path):
+    """Left out, the dead window is the run's own: runs saved before the default scaled with the width
+    hold 1000000 and resume with it; giving the default's value is the same run as leaving it out."""
+    old_style = tmp_path / "old"
+    assert main(train_args(old_style, "-o", "dead_window_tokens=1000000", "--stop-after", "20")) == 0
+    assert main(train_args(old_style, "--resume")) == 0
+    assert json.loads((old_style / "config.json").read_text())["train"]["dead_window_tokens"] == 1_000_000
+    assert main(train_args(stopped_run, "--resume", "-o", "dead_window_tokens=1365")) == 0
+    assert json.loads((stopped_run / "config.json").read_text())["train"]["dead_window_tokens"] is None
 
 
 def test_resume_refuses_other_data_of_the_same_width(tmp_path, capsys):

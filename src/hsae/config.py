@@ -192,6 +192,12 @@ class SAEConfig:
 # for a target of 32) / - / - / 0.127 (L0 56, 1% dead). 5x keeps nearly all of the gain with no dead
 # latents in the TopK-style families.
 DEFAULT_LR_AT_16K = 1e-3
+# The default dead window, in mean intervals between one latent's firings (n_latents / k tokens at
+# L0 k): a latent firing at under about 1/64 of the mean rate counts as dead, and AuxK trains it on
+# the residual. Measured on SAELens's synthetic hierarchies and MiniLM: docs/hierarchy.md.
+DEAD_WINDOW_MEAN_INTERVALS = 64
+# Families without a k have no mean interval to scale by (their dead count is only reported).
+DEAD_WINDOW_WITHOUT_K = 1_000_000
 # Rates above this are refused up front: Adam moves every weight by about lr per step, so beyond 1 a
 # single step is larger than a unit-norm decoder row, and the loss diverges within steps.
 MAX_LR = 1.0
@@ -215,8 +221,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
-    # A latent that has not fired for this many tokens counts as dead (AuxK revives those).
-    dead_window_tokens: int = 1_000_000
+    # A latent that has not fired for this many tokens counts as dead (AuxK revives those). None:
+    # DEAD_WINDOW_MEAN_INTERVALS x n_latents / k tokens (see resolved_dead_window).
+    dead_window_tokens: int | None = None
     # How b_dec starts: "geometric_median", "mean" or "zeros".
     b_dec_init: str = "geometric_median"
     # Scale inputs to mean norm sqrt(d_in) for training; the factor is saved in the SAE config.
@@ -253,7 +260,7 @@ class TrainConfig:
             raise HsaeError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.log_every <= 0:
             raise HsaeError(f"--log-every must be positive, got {self.log_every}")
-        if self.dead_window_tokens <= 0:
+        if self.dead_window_tokens is not None and self.dead_window_tokens <= 0:
             raise HsaeError(f"dead_window_tokens must be positive, got {self.dead_window_tokens}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise HsaeError(f"b_dec_init {self.b_dec_init!r} is not one of geometric_median, mean, zeros")
@@ -262,3 +269,11 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return DEFAULT_LR_AT_16K / math.sqrt(n_latents / 2**14)
+
+    def resolved_dead_window(self, n_latents: int, k: int | None) -> int:
+        """Tokens without firing after which a latent counts as dead, for a model of this width and k."""
+        if self.dead_window_tokens is not None:
+            return self.dead_window_tokens
+        if k is None:
+            return DEAD_WINDOW_WITHOUT_K
+        return max(1, round(DEAD_WINDOW_MEAN_INTERVALS * n_latents / k))

@@ -184,9 +184,10 @@ def _option_name(field: str) -> str:
     return _FLAGS.get(field, f"-o {field}")
 
 
-def _resumed_train_config(saved: dict[str, Any], new: TrainConfig, n_latents: int) -> TrainConfig:
+def _resumed_train_config(saved: dict[str, Any], new: TrainConfig, n_latents: int, k: int | None) -> TrainConfig:
     """The training config of a resumed run: the saved one, with only the run-neutral options taken
-    from `new`. Any other option that differs is refused, named with both values."""
+    from `new`. Any other option that differs is refused, named with both values. A dead window left
+    out keeps the run's own (runs saved before the default scaled with the width hold 1000000)."""
     old = from_dict(TrainConfig, saved, what="the checkpoint's training config", complete=True)
     for field in fields(TrainConfig):
         name = field.name
@@ -195,6 +196,10 @@ def _resumed_train_config(saved: dict[str, Any], new: TrainConfig, n_latents: in
         was, now = getattr(old, name), getattr(new, name)
         if name == "lr":  # the default rate is a number too: compare the rates used
             was, now = old.resolved_lr(n_latents), new.resolved_lr(n_latents)
+        if name == "dead_window_tokens":
+            if now is None:
+                continue
+            was, now = old.resolved_dead_window(n_latents, k), new.resolved_dead_window(n_latents, k)
         if was != now:
             flag = _option_name(name)
             why = (
@@ -456,7 +461,7 @@ class Trainer:
                 f"{self.dist.world_size} (each reads its own share of the data); resume with --nproc_per_node "
                 f"{saved_world}, or train into a new --out"
             )
-        self.cfg = _resumed_train_config(record["train"], self.cfg, self.sae_config.n_latents)
+        self.cfg = _resumed_train_config(record["train"], self.cfg, self.sae_config.n_latents, self.sae_config.k)
         saved = from_dict(self.family.config_class, record["sae"], what="the checkpoint's sae config", complete=True)
         model = self.family.from_config(saved).to(self.device)
         opt = self._optimizer(model)
@@ -508,6 +513,7 @@ class Trainer:
                 wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         base_lr = cfg.resolved_lr(model.n_latents)
+        dead_window = cfg.resolved_dead_window(model.n_latents, model.config.k)
         tokens_per_step = cfg.batch_size * self.dist.world_size
         # Minimal user sources may not count their rows: no epoch figure then.
         epoch_rows = getattr(self.source, "epoch_rows", lambda: None)()
@@ -527,7 +533,7 @@ class Trainer:
         try:
             for step in range(start, cfg.steps):
                 x = next(batches).to(self.device, non_blocking=True)
-                dead = since_fired >= cfg.dead_window_tokens
+                dead = since_fired >= dead_window
                 ctx = StepContext(step=step, total_steps=cfg.steps, dead_mask=dead)
                 # Free last step's gradients before the forward, not after: a smaller peak.
                 opt.zero_grad(set_to_none=True)
