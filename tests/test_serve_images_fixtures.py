@@ -76,8 +76,9 @@ def image_model() -> tuple[Path, Path]:
     store, model = _ROOT / "store", _ROOT / "sae"
     harvest_to_store(store, harvester, images, tokens=rows_for(harvester, images))
     write_image_index(store, images)
+    # The window this model was tuned with (the threshold below names two of its latents).
     code = main(["train", "--arch", "topk", "--data", str(store), "--n-latents", "24", "--k", "4", "--steps", "40",
-                 "--batch-size", "64", "-q", "--out", str(model)])  # fmt: skip
+                 "--batch-size", "64", "-o", "dead_window_tokens=1000000", "-q", "--out", str(model)])  # fmt: skip
     assert code == 0, "hsae train on the image store failed"
     import hsae
 
