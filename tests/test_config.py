@@ -23,6 +23,15 @@ def test_default_dead_window_is_64_mean_firing_intervals():
         from_dict(TrainConfig, {"dead_window_tokens": 0})
 
 
+def test_auxk_weight_is_saelens_raw_loss_weight_except_where_measured_otherwise():
+    from hsae.models import get_family
+
+    base = {"d_in": 8, "n_latents": 32, "k": 4}
+    weights = {arch: from_dict(get_family(arch).config_class, {"arch": arch, **base}).aux_coef
+               for arch in ("topk", "batchtopk", "matryoshka", "tree", "msae")}  # fmt: skip
+    assert weights == {"topk": 1.0, "batchtopk": 1.0, "matryoshka": 1.0, "tree": 1 / 32, "msae": 0.0}
+
+
 def test_unknown_option_is_named():
     with pytest.raises(HsaeError, match="unknown option.*bogus"):
         from_dict(TopKConfig, {"arch": "topk", "d_in": 4, "n_latents": 8, "k": 2, "bogus": 1})

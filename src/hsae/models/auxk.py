@@ -1,5 +1,6 @@
 """Gao et al.'s AuxK loss: latents dead for the trainer's window reconstruct the residual of the live
-ones from their k_aux largest pre-activations, weighted by `aux_coef` (1/32 in the paper).
+ones from their k_aux largest pre-activations, weighted by `aux_coef` (the family's; 1/32 in the paper,
+on a variance-normalised loss).
 
 `aux_plan` decides which latents take part in a step (shared by the dense formulation here and the
 fused steps of hsae.models.sparse.steps); `auxk_loss` is the dense formulation that a family's

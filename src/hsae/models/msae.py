@@ -26,7 +26,7 @@ Where this departs from the paper (and its code, github WolodjaZ/MSAE):
   rate and warm-up unless given (the paper: 1e-4 constant, linear decay over the last 20%:
   `--lr 1e-4 -o lr_warmup_steps=0`).
 - No soft cap on the latents (the authors' code tanh-caps them at 30; the paper does not mention it).
-- AuxK is off (`aux_coef` 0), as in the paper; `-o aux_coef=0.03125` adds TopK's AuxK term on the
+- AuxK is off (`aux_coef` 0), as in the paper; `-o aux_coef=1` adds TopK's AuxK term (TopK's weight) on the
   largest k's residual.
 
 Training runs the fused step `NestedKStep` (hsae.models.sparse.nested_k_step): one top-K selection

@@ -3,7 +3,8 @@
 Codes keep the k largest pre-activations of each token (ReLU'd), as sparse (indices, values). The
 AuxK loss (hsae.models.auxk) revives dead latents: the k_aux largest pre-activations among latents
 dead for the trainer's window reconstruct the main reconstruction's residual, weighted by `aux_coef`
-(1/32 in the paper).
+(1, as SAELens; the paper's 1/32 weighs a loss normalised by the residual's variance, which hsae's
+raw squared error is not: docs/hierarchy.md, "AuxK's weight").
 
 `forward` is the dense reference formulation; training runs the fused sparse step
 (`FusedTopKStep(selection=PerTokenTopK())`, hsae.models.sparse): pre-activations in row chunks
@@ -45,7 +46,7 @@ class TopKConfig(SAEConfig):
     k: int | None = 32
     # Latents used by the AuxK loss; None means d_in // 2 (as in sparsify), capped by the dead count.
     aux_k: int | None = None
-    aux_coef: float = 1 / 32
+    aux_coef: float = 1.0
     # dtype of the encoder matmul ("float32", or "bfloat16" for speed); weights stay float32.
     compute_dtype: str = "float32"
 

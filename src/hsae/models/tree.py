@@ -70,6 +70,7 @@ from hsae.models.topk import TopKConfig, TopKSAE
 @dataclass
 class TreeConfig(TopKConfig):
     layer_fractions: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    aux_coef: float = 1 / 32
     aux_coef_children: float = 1 / 32
     # AuxK of a child layer only draws on dead latents whose parent fired in that row (after
     # gating), so a dead child learns its own parent's residual ("dead children learn to
