@@ -70,6 +70,7 @@ from hsae.models.topk import TopKConfig, TopKSAE
 @dataclass
 class TreeConfig(TopKConfig):
     layer_fractions: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    # TopK's weight 1 did not help this family (docs/hierarchy.md, "AuxK's weight"): the paper's value.
     aux_coef: float = 1 / 32
     aux_coef_children: float = 1 / 32
     # AuxK of a child layer only draws on dead latents whose parent fired in that row (after
