@@ -334,18 +334,11 @@ def segment_sum_transposed(
 
 def _segment_sum_transposed_whole(rows, weights, table, ptr, scale, b_dec, colsum, more=None) -> Tensor:
     """`segment_sum_transposed` as one segment sum (per entry set), then transposed (what a GPU runs)."""
-    part = F.embedding_bag(
-        rows.to(ptr.dtype), table, ptr, mode="sum", per_sample_weights=weights, include_last_offset=True
-    )
+    m = ptr.numel() - 1
+    part = _bag_block(rows, weights, table, ptr, 0, m, 0, rows.numel())
     if more is not None:
-        rows2, weights2, ptr2 = more
-        part.add_(
-            F.embedding_bag(
-                rows2.to(ptr2.dtype), table, ptr2, mode="sum", per_sample_weights=weights2.to(table.dtype),
-                include_last_offset=True,
-            )
-        )  # fmt: skip
-    out = torch.empty(table.shape[1], ptr.numel() - 1, dtype=table.dtype, device=table.device)
+        part.add_(_bag_block(more[0], more[1].to(table.dtype), table, more[2], 0, m, 0, more[0].numel()))
+    out = torch.empty(table.shape[1], m, dtype=table.dtype, device=table.device)
     return torch.addr(part.t(), b_dec, colsum, beta=scale, alpha=-1, out=out)
 
 

@@ -274,9 +274,7 @@ def sparse_prefix_step(
     only."""
     # The codes as selected (no copy) and the AuxK entries apart from them (no concatenated copy).
     cols, vals, offsets = code_entries(sel)
-    index_dtype = torch.long
-    if sel.aux_indices is not None and sel.aux_indices.numel() < 2**31:
-        index_dtype = torch.int32
+    index_dtype = torch.long if sel.aux_indices is None else ids_dtype_for(sel.aux_indices.numel())
     aux = aux_entries(sel, index_dtype)
     # The AuxK entries now live in `aux`: drop the selection's references before the decoder runs.
     sel.aux_values = sel.aux_indices = None

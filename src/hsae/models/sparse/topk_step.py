@@ -333,8 +333,8 @@ def sparse_topk_step(
     # With AuxK entries the concatenated ids are a new array: int32 where they fit (half the memory);
     # the codes alone pass as they are (no copy).
     index_dtype = torch.long
-    if sel.aux_indices is not None and sel.indices.numel() + sel.aux_indices.numel() + 2 * x.shape[0] < 2**31:
-        index_dtype = torch.int32
+    if sel.aux_indices is not None:
+        index_dtype = ids_dtype_for(sel.indices.numel() + sel.aux_indices.numel() + 2 * x.shape[0])
     cols, vals, offsets = selection_entries(sel, index_dtype)
     has_aux = sel.aux_values is not None
     # The AuxK entries now live in (cols, vals): drop the selection's copies before the decoder runs.
